@@ -1,0 +1,117 @@
+"""The ``fedprompt`` command: run simulations, inspect configs, fetch data and backbones."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from fedprompt.backbones import BackboneUnavailableError
+from fedprompt.config import ConfigError, compose_config, list_choices
+from fedprompt.data.image_set import DataError
+
+
+def _with_output_dir(experiment: str, overrides: list[str]) -> list[str]:
+    """Fix the results folder here, so the Flower processes write where the user is."""
+    from fedprompt.federation.orchestration import output_dir_for
+
+    return [*overrides, f"output_dir={output_dir_for(compose_config(experiment, overrides))}"]
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fedprompt.federation.local_simulation import simulate
+
+    overrides = _with_output_dir(args.experiment, list(args.overrides))
+    cfg = compose_config(args.experiment, overrides)
+    code = simulate(args.experiment, overrides, cfg)
+    summary_path = Path(str(cfg.output_dir)) / "summary.json"
+    if code != 0 or not summary_path.exists():
+        print(
+            f"fedprompt: the run did not finish (flwr run exit code {code}); what it wrote is in "
+            f"{cfg.output_dir}, and the Flower log above says why.",
+            file=sys.stderr,
+        )
+        return code or 1
+    summary = json.loads(summary_path.read_text())
+    final = summary["final"]
+    print(
+        f"fedprompt: {summary['experiment']} finished in {summary['wall_seconds']:.1f} s: "
+        f"accuracy {100 * final['accuracy']:.1f}% ({final['source']}), balanced "
+        f"{100 * final['balanced_accuracy']:.1f}%, macro-F1 {100 * final['macro_f1']:.1f}%; "
+        f"results in {cfg.output_dir}"
+    )
+    return 0
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    print(OmegaConf.to_yaml(compose_config(args.experiment, list(args.overrides))), end="")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from fedprompt.data.download import download_dataset
+
+    cfg = compose_config(None, [f"dataset={args.dataset}", f"dataset.root={args.root}"])
+    path = download_dataset(OmegaConf.to_container(cfg.dataset, resolve=True), args.root)
+    print(f"fedprompt: {args.dataset} is ready in {path}")
+    return 0
+
+
+def _save_backbone(args: argparse.Namespace) -> int:
+    from fedprompt.backbones import save_local_copy
+
+    path = save_local_copy(args.directory)
+    print(f"fedprompt: BiomedCLIP saved to {path}; use backbone=local_dir backbone.path={path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface; overrides are Hydra's ``key=value`` syntax."""
+    parser = argparse.ArgumentParser(prog="fedprompt", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    simulate = commands.add_parser(
+        "simulate", help="run an experiment through Flower's simulation engine"
+    )
+    simulate.add_argument("experiment", choices=list_choices("experiment"))
+    simulate.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation.rounds=5")
+    simulate.set_defaults(func=_simulate)
+
+    show = commands.add_parser("config", help="print the composed config of an experiment")
+    show.add_argument("experiment", choices=list_choices("experiment"))
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(func=_show_config)
+
+    data = commands.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    download = data.add_parser("download", help="download a dataset where a public source exists")
+    download.add_argument("dataset", choices=list_choices("dataset"))
+    download.add_argument("--root", required=True, help="folder that will hold the dataset")
+    download.set_defaults(func=_download)
+
+    backbone = commands.add_parser("backbone", help="backbones").add_subparsers(
+        dest="action", required=True
+    )
+    save = backbone.add_parser(
+        "save-local", help="save BiomedCLIP to a folder for offline use (needs the network once)"
+    )
+    save.add_argument("directory")
+    save.set_defaults(func=_save_backbone)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedprompt`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, DataError, BackboneUnavailableError, FileExistsError) as err:
+        print(f"fedprompt: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

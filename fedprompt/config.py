@@ -1,0 +1,59 @@
+"""Compose a run's configuration from the Hydra configs under ``configs/``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_DIR / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be composed; the message says which key and what to do."""
+
+
+def list_choices(group: str) -> list[str]:
+    """Names a config group offers, e.g. ``list_choices("experiment")``."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def compose_config(experiment: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose the root config, an optional experiment and Hydra overrides into one resolved config.
+
+    The result is read-only and fully resolved, so every process of a run (the server and each
+    site) that composes the same arguments sees exactly the same values.
+    """
+    return _compose_cached(experiment, tuple(overrides)).copy()
+
+
+@functools.lru_cache(maxsize=16)
+def _compose_cached(experiment: str | None, overrides: tuple[str, ...]) -> DictConfig:
+    if not CONFIG_DIR.is_dir():
+        raise ConfigError(
+            f"The config folder {CONFIG_DIR} is missing; install fedprompt from a source checkout "
+            "with `pip install -e .` so that configs/ sits beside the package."
+        )
+    if experiment and experiment not in list_choices("experiment"):
+        raise ConfigError(
+            f"Unknown experiment {experiment!r}; choose one of {', '.join(list_choices('experiment'))}."
+        )
+    all_overrides = ([f"experiment={experiment}"] if experiment else []) + list(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=all_overrides)
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise ConfigError(
+            f"Cannot compose the config from {all_overrides}: {first_line} "
+            "(check the key names against configs/ and the README's table of keys)."
+        ) from err
+    OmegaConf.set_readonly(cfg, True)
+    return cfg

@@ -1,0 +1,202 @@
+"""Core data types: lazily read labelled image sets, split bundles, errors, root paths."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class DataError(ValueError):
+    """A data problem explained in one sentence: what is wrong and what to do about it."""
+
+
+class DatasetNotFoundError(DataError):
+    """A dataset (or one of its files) is not where the configuration says it is."""
+
+
+class CorruptImageError(DataError):
+    """An image file exists but cannot be decoded."""
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """Labelled images, read lazily; items are file paths or in-memory uint8 arrays.
+
+    Subsets share the underlying storage and keep an index into it, so taking few-shot
+    or per-site subsets of a large in-memory array costs no copy of the pixels.
+
+    Attributes:
+        classnames: Class names ordered by label id.
+        labels: Integer label of each item (int64).
+        identities: Stable per-image ids (e.g. ``"BTMRI/glioma_tumor/image12.jpg"``), used as
+            keys by feature caches; unique within a dataset.
+        transform: Applied to the RGB ``PIL.Image`` on access, if set.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[str | Path] | np.ndarray,
+        labels: Sequence[int] | np.ndarray,
+        classnames: Sequence[str],
+        identities: Sequence[str] | None = None,
+        transform: Callable[[Image.Image], Any] | None = None,
+    ) -> None:
+        """Build a set from paths or a uint8 array of shape (N, H, W) or (N, H, W, C).
+
+        Raises:
+            DataError: If items, labels and identities disagree in length or a label is
+                outside ``range(len(classnames))``.
+        """
+        if isinstance(items, np.ndarray):
+            if items.dtype != np.uint8 or items.ndim not in (3, 4):
+                raise DataError(
+                    f"In-memory images must be a uint8 array of shape (N, H, W) or (N, H, W, C), "
+                    f"got {items.dtype} with shape {items.shape}; convert them before building "
+                    "an ImageSet."
+                )
+            self._items: list[str] | np.ndarray = items
+        else:
+            self._items = [str(p) for p in items]
+        count = len(self._items)
+        self._index = np.arange(count, dtype=np.int64)
+        self.classnames = list(classnames)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if identities is None:
+            identities = (
+                [f"item/{i}" for i in range(count)]
+                if isinstance(self._items, np.ndarray)
+                else list(self._items)
+            )
+        self.identities = list(identities)
+        self.transform = transform
+        if not (len(self.labels) == count == len(self.identities)):
+            raise DataError(
+                f"An ImageSet got {count} images, {len(self.labels)} labels and "
+                f"{len(self.identities)} identities; give one label and one identity per image."
+            )
+        if count and (self.labels.min() < 0 or self.labels.max() >= len(self.classnames)):
+            raise DataError(
+                f"Labels must lie in 0..{len(self.classnames) - 1} for the "
+                f"{len(self.classnames)} classes {self.classnames}, got labels from "
+                f"{self.labels.min()} to {self.labels.max()}; fix the labels or the class list."
+            )
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | Image.Image, int]:
+        """Decode image ``i`` as RGB, apply the transform and return it with its label.
+
+        Raises:
+            CorruptImageError: If the file cannot be decoded.
+            DatasetNotFoundError: If the file listed for this item does not exist.
+        """
+        image = self._load(int(self._index[i]))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[i])
+
+    def _load(self, source: int) -> Image.Image:
+        if isinstance(self._items, np.ndarray):
+            array = self._items[source]
+            if array.ndim == 3 and array.shape[-1] == 1:
+                array = array[..., 0]
+            return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
+        path = self._items[source]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except FileNotFoundError as err:
+            raise DatasetNotFoundError(
+                f"Image file {path} is listed in the dataset but does not exist; restore it or "
+                "download the dataset again."
+            ) from err
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            raise CorruptImageError(
+                f"Image file {path} cannot be decoded ({err}); remove it from the split or "
+                "replace it with an intact copy."
+            ) from err
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> ImageSet:
+        """Return the items at ``indices`` (positions in this set), sharing the storage.
+
+        Raises:
+            DataError: If an index is out of range.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise DataError(
+                f"Subset indices must lie in 0..{len(self) - 1} for this set of {len(self)} "
+                f"images, got {idx.min()}..{idx.max()}; index into this set, not another one."
+            )
+        out = copy.copy(self)
+        out._index = self._index[idx]
+        out.labels = self.labels[idx]
+        out.identities = [self.identities[j] for j in idx.tolist()]
+        out.classnames = list(self.classnames)
+        return out
+
+    def with_transform(self, transform: Callable[[Image.Image], Any] | None) -> ImageSet:
+        """Return a view of the same images with another transform (e.g. train vs eval)."""
+        out = copy.copy(self)
+        out.transform = transform
+        return out
+
+    def class_counts(self) -> np.ndarray:
+        """Number of images per class, indexed by label id."""
+        return np.bincount(self.labels, minlength=len(self.classnames))
+
+    def __repr__(self) -> str:
+        kind = "in-memory" if isinstance(self._items, np.ndarray) else "files"
+        return f"ImageSet({len(self)} images, {len(self.classnames)} classes, {kind})"
+
+
+@dataclass
+class DatasetSplits:
+    """A dataset's splits as every reader returns them; ``val`` is None when there is none."""
+
+    name: str
+    classnames: list[str]
+    train: ImageSet
+    val: ImageSet | None
+    test: ImageSet
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (the length of ``classnames``)."""
+        return len(self.classnames)
+
+
+def resolve_root(value: str | Path | None, default: str | Path = "data") -> Path:
+    """Turn a configured data root into an absolute path.
+
+    Relative roots are taken against the current working directory, ``~`` is expanded, and an
+    OmegaConf interpolation left in a plain dict (``${oc.env:FEDPROMPT_DATA,data}``) is
+    resolved, so a config behaves the same whether it arrives as a DictConfig or a dict.
+    """
+    raw = default if value is None or str(value) == "" else value
+    text = str(raw)
+    if "${" in text:
+        from omegaconf import OmegaConf
+
+        text = str(OmegaConf.create({"value": text}).value)
+    return Path(text).expanduser().resolve()
+
+
+def config_classnames(cfg: Mapping[str, Any]) -> list[str] | None:
+    """The ``classnames`` a config lists, or None when it lists none."""
+    names = cfg.get("classnames")
+    if names is None:
+        return None
+    if isinstance(names, str):
+        raise DataError(
+            f"`classnames` must be a list of names, got the string {names!r}; write it as a "
+            "YAML list."
+        )
+    return [str(n) for n in names]

@@ -1,0 +1,132 @@
+"""From a run's config to the images each simulated site holds: dataset, partition, few-shot."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedprompt.data.few_shot import few_shot_indices
+from fedprompt.data.image_set import DatasetSplits, ImageSet
+from fedprompt.data.partition import SitePartition, assign_sites, partitions_report
+from fedprompt.data.registry import load_dataset
+
+logger = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+PARTITION_PARAMS = ("alpha", "min_size", "classes_per_site")
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's own images: a training shard (few-shot sampled) and a test shard."""
+
+    name: str
+    index: int
+    classnames: list[str]
+    train: ImageSet
+    test: ImageSet
+
+
+def resolve_root(root: str | os.PathLike) -> Path:
+    """A dataset root as given if it exists, else relative to the project folder, else as given.
+
+    Relative roots in ready-made experiments (``../shared/data/btmri-mini``) then work from the
+    project folder and from the folder a Flower process happens to run in.
+    """
+    path = Path(os.path.expanduser(str(root)))
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    beside_project = PROJECT_DIR / path
+    return beside_project.resolve() if beside_project.exists() else path.resolve()
+
+
+def _synthetic_stand_in(dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    classnames = list(dataset_cfg["classnames"])
+    return {
+        "name": f"synthetic-{dataset_cfg['name']}",
+        "format": "synthetic",
+        "classnames": classnames,
+        "num_classes": len(classnames),
+        "train_per_class": 30,
+        "test_per_class": 15,
+        "image_size": 64,
+        "seed": 0,
+        "root": str(Path(os.environ.get("FEDPROMPT_CACHE", Path.home() / ".cache/fedprompt"))),
+    }
+
+
+def dataset_config(cfg: DictConfig) -> dict[str, Any]:
+    """The dataset section with its root resolved, or a synthetic stand-in where allowed.
+
+    A ready-made offline experiment (``dataset.synthetic_fallback=true``) whose images are absent
+    runs on a small generated set with the same class names instead of stopping.
+    """
+    dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+    assert isinstance(dataset_cfg, dict)
+    root = dataset_cfg.get("root")
+    if root is not None:
+        dataset_cfg["root"] = str(resolve_root(root))
+        if dataset_cfg.get("synthetic_fallback") and not Path(dataset_cfg["root"]).exists():
+            logger.warning(
+                "Dataset folder %s is absent; using a small synthetic set with the same classes.",
+                dataset_cfg["root"],
+            )
+            return _synthetic_stand_in(dataset_cfg)
+    return dataset_cfg
+
+
+def load_splits(cfg: DictConfig) -> DatasetSplits:
+    """The dataset's train/val/test splits for a run's config."""
+    return load_dataset(dataset_config(cfg))
+
+
+def partition_params(cfg: DictConfig) -> dict[str, Any]:
+    """The partitioner's keyword arguments from ``cfg.partition`` (those it defines)."""
+    return {key: cfg.partition[key] for key in PARTITION_PARAMS if key in cfg.partition}
+
+
+def plan_sites(cfg: DictConfig, splits: DatasetSplits) -> SitePartition:
+    """Deterministic assignment of train and test images to ``federation.num_sites`` sites."""
+    return assign_sites(
+        splits.train.labels,
+        splits.test.labels,
+        int(cfg.federation.num_sites),
+        str(cfg.partition.name),
+        int(cfg.seed),
+        **partition_params(cfg),
+    )
+
+
+def site_data(cfg: DictConfig, splits: DatasetSplits, plan: SitePartition, index: int) -> SiteData:
+    """Site ``index``'s images; its training shard is few-shot sampled with a per-site seed."""
+    if not 0 <= index < len(plan.site_names):
+        raise ValueError(f"Site index {index} is outside 0..{len(plan.site_names) - 1}.")
+    train = splits.train.subset(plan.train[index])
+    shots = int(cfg.train.shots)
+    if shots > 0:
+        train = train.subset(few_shot_indices(train.labels, shots, int(cfg.seed) + index))
+    return SiteData(
+        name=plan.site_names[index],
+        index=index,
+        classnames=list(splits.classnames),
+        train=train,
+        test=splits.test.subset(plan.test[index]),
+    )
+
+
+def plan_report(cfg: DictConfig, splits: DatasetSplits, plan: SitePartition) -> dict[str, Any]:
+    """The JSON written to ``partitions.json``: assignment and per-site label histograms."""
+    return partitions_report(
+        plan,
+        splits.train.labels,
+        splits.test.labels,
+        splits.classnames,
+        str(cfg.partition.name),
+        {"seed": int(cfg.seed), **partition_params(cfg)},
+    )

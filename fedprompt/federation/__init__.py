@@ -1,0 +1,1 @@
+"""Flower apps and their helpers: the only part of fedprompt that imports ``flwr``."""

@@ -1,0 +1,142 @@
+"""Run an experiment through Flower's simulation engine: a private SuperLink plus ``flwr run``.
+
+``fedprompt simulate`` uses the very ServerApp and ClientApp that ``flwr run simulations/<app>``
+uses; this module only supplies what a person would otherwise type: a SuperLink on a free port,
+the app folder, the run-config and the number of SuperNodes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import tomli_w
+from omegaconf import DictConfig
+
+from fedprompt.federation.run_config import default_run_config, overrides_to_run_config
+
+APP_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedprompt-simulate"
+version = "0.1.0"
+license = "MIT"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedprompt"
+
+[tool.flwr.app.components]
+serverapp = "fedprompt.federation.server_app:app"
+clientapp = "fedprompt.federation.client_app:app"
+
+"""
+
+QUIET_FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tool(name: str) -> str:
+    """A Flower command from this environment's bin folder, so the right installation runs."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"The Flower command {name} is not installed; run pip install -e .")
+    return found
+
+
+def write_app(directory: Path, experiment: str) -> Path:
+    """A Flower app folder whose defaults are the bridge's keys for ``experiment``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = tomli_w.dumps({"tool": {"flwr": {"app": {"config": default_run_config(experiment)}}}})
+    (directory / "pyproject.toml").write_text(APP_PYPROJECT + config, encoding="utf-8")
+    return directory
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {process.returncode} at start.")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"flower-superlink did not open port {port} within {timeout:.0f} s.")
+
+
+def simulate(experiment: str, overrides: Sequence[str], cfg: DictConfig) -> int:
+    """Run the experiment on a private local SuperLink; returns ``flwr run``'s exit code."""
+    with tempfile.TemporaryDirectory(prefix="fedprompt-sim-") as tmp:
+        workdir = Path(tmp)
+        port = _free_port()
+        env = {**os.environ, **QUIET_FLOWER_ENV, "FLWR_HOME": str(workdir / "flwr-home")}
+        (workdir / "flwr-home").mkdir()
+        connection = {"address": f"127.0.0.1:{port}", "insecure": True}
+        (workdir / "flwr-home" / "config.toml").write_text(
+            tomli_w.dumps({"superlink": {"default": "fedprompt", "fedprompt": connection}}),
+            encoding="utf-8",
+        )
+        app_dir = write_app(workdir / "app", experiment)
+        run_config = workdir / "run-config.toml"
+        run_config.write_text(
+            tomli_w.dumps(overrides_to_run_config(experiment, overrides)), encoding="utf-8"
+        )
+        federation = (
+            f"num-supernodes={int(cfg.federation.num_sites)} "
+            f"client-resources-num-cpus={cfg.federation.client_cpus} "
+            f"client-resources-num-gpus={cfg.federation.client_gpus}"
+        )
+        superlink = subprocess.Popen(
+            [
+                _tool("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--host", "127.0.0.1",
+                "--port", str(port),
+                "--disable-runtime-dependency-installation",
+                "--database", ":flwr-in-memory:",
+            ],
+            env=env,
+            cwd=os.getcwd(),
+            stdout=(workdir / "superlink.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            _wait_for_port(port, superlink)
+            command = [
+                _tool("flwr"), "run", str(app_dir), "fedprompt",
+                "--run-config", str(run_config),
+                "--federation-config", federation,
+                "--stream",
+            ]
+            return subprocess.run(command, env=env, check=False).returncode
+        finally:
+            os.killpg(superlink.pid, signal.SIGTERM)
+            try:
+                superlink.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(superlink.pid, signal.SIGKILL)

@@ -1,0 +1,17 @@
+"""The Flower ServerApp: composes the run's config and hands over to ``run_federation``."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedprompt.federation.orchestration import run_federation
+from fedprompt.federation.run_config import config_from_run_config
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point of every fedprompt simulation and deployment."""
+    run_federation(grid, config_from_run_config(context.run_config))

@@ -1,0 +1,123 @@
+"""What one site does in a round, as plain functions the Flower ClientApp and tests call.
+
+Everything heavy is loaded once per process and shared by every site that process serves: the
+frozen backbone (``load_backbone``'s cache), the dataset index and partition plan (memoised
+here), and the encoded image features (``PROCESS_FEATURE_CACHE``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedprompt.backbones import Backbone, load_backbone
+from fedprompt.data.features import PROCESS_FEATURE_CACHE
+from fedprompt.data.image_set import DatasetSplits
+from fedprompt.data.partition import SitePartition
+from fedprompt.data.sites import SiteData, load_splits, plan_sites, site_data
+from fedprompt.evaluation.metrics import ClassificationMetrics
+from fedprompt.learners import Learner, create_learner
+from fedprompt.training import TrainStats, evaluate, train_local
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA where present, else the CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was asked for but no CUDA GPU is visible; use device=cpu.")
+    return torch.device(name)
+
+
+def backbone_for(cfg: DictConfig) -> Backbone:
+    """The process's shared frozen backbone for this config."""
+    return load_backbone(str(cfg.backbone.spec), resolve_device(str(cfg.device)))
+
+
+def build_learner(cfg: DictConfig, backbone: Backbone, classnames: list[str]) -> Learner:
+    """The configured method's learner; every ``method`` key but ``name`` is a hyperparameter."""
+    hparams = OmegaConf.to_container(cfg.method, resolve=True)
+    assert isinstance(hparams, dict)
+    name = hparams.pop("name")
+    return create_learner(name, backbone, classnames, **hparams)
+
+
+@functools.lru_cache(maxsize=8)
+def _splits_and_plan(data_yaml: str) -> tuple[DatasetSplits, SitePartition]:
+    data_cfg = OmegaConf.create(data_yaml)
+    splits = load_splits(data_cfg)
+    return splits, plan_sites(data_cfg, splits)
+
+
+def splits_and_plan(cfg: DictConfig) -> tuple[DatasetSplits, SitePartition]:
+    """The dataset index and site assignment, read once per process for a given config.
+
+    Keyed on the only keys they depend on, so changing a training setting reuses them.
+    """
+    data_cfg = {
+        "dataset": cfg.dataset,
+        "partition": cfg.partition,
+        "federation": {"num_sites": cfg.federation.num_sites},
+        "seed": cfg.seed,
+    }
+    return _splits_and_plan(OmegaConf.to_yaml(data_cfg))
+
+
+@dataclass(frozen=True)
+class SiteSession:
+    """A site's backbone, images and encoded features for one round."""
+
+    cfg: DictConfig
+    backbone: Backbone
+    data: SiteData
+
+    def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen features of the site's ``train`` or ``test`` images (cached per process)."""
+        images = self.data.train if split == "train" else self.data.test
+        label = f"{self.data.name} {split} features"
+        return PROCESS_FEATURE_CACHE.get(
+            self.backbone, images, int(self.cfg.evaluation.batch_size), label
+        )
+
+    def learner(self, global_state: Mapping[str, torch.Tensor | np.ndarray]) -> Learner:
+        """A learner holding the global trainable state the server sent."""
+        learner = build_learner(self.cfg, self.backbone, self.data.classnames)
+        learner.load_trainable_state(global_state)
+        return learner
+
+
+def open_site(cfg: DictConfig, site_index: int) -> SiteSession:
+    """Everything site ``site_index`` needs, from the per-process caches."""
+    splits, plan = splits_and_plan(cfg)
+    return SiteSession(cfg, backbone_for(cfg), site_data(cfg, splits, plan, site_index))
+
+
+def train_round(
+    cfg: DictConfig,
+    site_index: int,
+    global_state: Mapping[str, torch.Tensor | np.ndarray],
+    server_round: int,
+) -> tuple[dict[str, torch.Tensor], TrainStats]:
+    """Train the global prompt on this site's images; return the new trainable state."""
+    session = open_site(cfg, site_index)
+    features, labels = session.features("train")
+    learner = session.learner(global_state)
+    seed = int(np.random.SeedSequence([int(cfg.seed), server_round, site_index]).generate_state(1)[0])
+    torch.manual_seed(seed)
+    stats = train_local(learner, features, labels, cfg.train, seed)
+    return learner.trainable_state(), stats
+
+
+def evaluate_round(
+    cfg: DictConfig, site_index: int, global_state: Mapping[str, torch.Tensor | np.ndarray]
+) -> ClassificationMetrics:
+    """Metrics of the global prompt on this site's own test images."""
+    session = open_site(cfg, site_index)
+    features, labels = session.features("test")
+    learner = session.learner(global_state)
+    return evaluate(learner, features, labels, len(session.data.classnames))
