@@ -42,7 +42,8 @@ def _compose_cached(experiment: str | None, overrides: tuple[str, ...]) -> DictC
         )
     if experiment and experiment not in list_choices("experiment"):
         raise ConfigError(
-            f"Unknown experiment {experiment!r}; choose one of {', '.join(list_choices('experiment'))}."
+            f"Unknown experiment {experiment!r}; "
+            f"choose one of {', '.join(list_choices('experiment'))}."
         )
     all_overrides = ([f"experiment={experiment}"] if experiment else []) + list(overrides)
     try:

@@ -107,7 +107,9 @@ def train_round(
     session = open_site(cfg, site_index)
     features, labels = session.features("train")
     learner = session.learner(global_state)
-    seed = int(np.random.SeedSequence([int(cfg.seed), server_round, site_index]).generate_state(1)[0])
+    seed = int(
+        np.random.SeedSequence([int(cfg.seed), server_round, site_index]).generate_state(1)[0]
+    )
     torch.manual_seed(seed)
     stats = train_local(learner, features, labels, cfg.train, seed)
     return learner.trainable_state(), stats

@@ -1,4 +1,4 @@
-"""Frozen image features: every image goes through the image tower once per process, not per epoch."""
+"""Frozen image features: each image passes the image tower once per process, not once per epoch."""
 
 from __future__ import annotations
 
@@ -53,7 +53,11 @@ class FeatureCache:
         self.max_entries = max_entries
 
     def get(
-        self, backbone: Backbone, images: ImageSet, batch_size: int = 128, progress: str | None = None
+        self,
+        backbone: Backbone,
+        images: ImageSet,
+        batch_size: int = 128,
+        progress: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and labels of ``images``, encoded on first use."""
         key = _fingerprint(backbone, images)

@@ -54,10 +54,13 @@ def _synthetic_stand_in(dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
         "classnames": classnames,
         "num_classes": len(classnames),
         "train_per_class": 30,
+        "val_per_class": 0,
         "test_per_class": 15,
         "image_size": 64,
         "seed": 0,
-        "root": str(Path(os.environ.get("FEDPROMPT_CACHE", Path.home() / ".cache/fedprompt"))),
+        "root": str(
+            Path(os.environ.get("FEDPROMPT_CACHE", Path.home() / ".cache/fedprompt"), "synthetic")
+        ),
     }
 
 

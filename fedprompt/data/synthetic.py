@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from fedprompt.data.biomedcoop import BiomedCoOpPaths, read_biomedcoop
-from fedprompt.data.image_set import DataError, DatasetSplits, config_classnames, resolve_root
+from fedprompt.data.image_set import (
+    DataError,
+    DatasetSplits,
+    config_classnames,
+    resolve_root,
+)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -47,19 +53,20 @@ def synthetic_classnames(num_classes: int) -> list[str]:
     ]
 
 
-def synthetic_dir_name(
-    num_classes: int,
-    train_per_class: int,
-    val_per_class: int,
-    test_per_class: int,
-    image_size: int,
-    seed: int,
-) -> str:
-    """Folder name encoding every generation parameter, so different sets never collide."""
-    return (
-        f"SYNTH_c{num_classes}_n{train_per_class}-{val_per_class}-{test_per_class}"
-        f"_px{image_size}_s{seed}"
+def synthetic_dir_name(params: Mapping[str, Any]) -> str:
+    """Folder name encoding every generation parameter, so different sets never collide.
+
+    Custom class names (which change only the split file) add a short hash of the names.
+    """
+    name = (
+        f"SYNTH_c{params['num_classes']}_n{params['train_per_class']}-"
+        f"{params['val_per_class']}-{params['test_per_class']}"
+        f"_px{params['image_size']}_s{params['seed']}"
     )
+    if params["classnames"] != synthetic_classnames(params["num_classes"]):
+        digest = hashlib.sha256("\n".join(params["classnames"]).encode()).hexdigest()
+        name += f"_names{digest[:8]}"
+    return name
 
 
 def _render(rng: np.random.Generator, classname: str, size: int) -> Image.Image:
@@ -98,23 +105,27 @@ def _render(rng: np.random.Generator, classname: str, size: int) -> Image.Image:
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def _write(target: Path, dir_name: str, params: dict[str, int]) -> None:
-    """Write all images, the split file and, last, the completeness marker into ``target``."""
-    classnames = synthetic_classnames(params["num_classes"])
+def _write(target: Path, dir_name: str, params: Mapping[str, Any]) -> None:
+    """Write all images, the split file and, last, the completeness marker into ``target``.
+
+    Class ``c`` always looks like ``synthetic_classnames(...)[c]`` (and its folder is named
+    after that), whatever names the split file gives the classes.
+    """
+    looks = synthetic_classnames(params["num_classes"])
     counts = {
         "train": params["train_per_class"],
         "val": params["val_per_class"],
         "test": params["test_per_class"],
     }
     split: dict[str, list[list[Any]]] = {"train": [], "val": [], "test": []}
-    for label, classname in enumerate(classnames):
-        class_dir = classname.replace(" ", "_")
+    for label, (look, classname) in enumerate(zip(looks, params["classnames"], strict=True)):
+        class_dir = look.replace(" ", "_")
         (target / dir_name / class_dir).mkdir(parents=True)
         for split_id, (split_name, count) in enumerate(counts.items()):
             for i in range(count):
                 rng = np.random.default_rng([params["seed"], split_id, label, i])
                 rel = f"{class_dir}/{split_name}_{i:04d}.png"
-                _render(rng, classname, params["image_size"]).save(target / dir_name / rel)
+                _render(rng, look, params["image_size"]).save(target / dir_name / rel)
                 split[split_name].append([rel, label, classname])
     (target / f"split_{dir_name}.json").write_text(json.dumps(split), encoding="utf-8")
     (target / _MARKER).write_text(json.dumps(params, sort_keys=True), encoding="utf-8")
@@ -128,8 +139,12 @@ def generate_synthetic(
     test_per_class: int = 16,
     image_size: int = 64,
     seed: int = 0,
+    classnames: Sequence[str] | None = None,
 ) -> Path:
     """Create (or reuse) the synthetic set under ``root`` and return its dataset folder.
+
+    ``classnames`` renames the classes (e.g. a real dataset's, for an offline stand-in);
+    by default they are readable descriptions of the pictures ("red disc", ...).
 
     Generation is deterministic for the parameters, happens in a temporary folder that is
     renamed into place only when complete, and is skipped when a complete copy exists, so
@@ -138,7 +153,7 @@ def generate_synthetic(
     Raises:
         DataError: If a parameter is out of range.
     """
-    params = {
+    params: dict[str, Any] = {
         "num_classes": int(num_classes),
         "train_per_class": int(train_per_class),
         "val_per_class": int(val_per_class),
@@ -148,6 +163,14 @@ def generate_synthetic(
     }
     if not 2 <= params["num_classes"] <= MAX_CLASSES:
         raise DataError(f"Synthetic `num_classes` must lie in 2..{MAX_CLASSES}, got {num_classes}.")
+    names = synthetic_classnames(params["num_classes"]) if classnames is None else classnames
+    names = [str(n) for n in names]
+    if len(names) != params["num_classes"] or len(set(names)) != len(names):
+        raise DataError(
+            f"Synthetic `classnames` must be {params['num_classes']} distinct names (one per "
+            f"class), got {names}."
+        )
+    params["classnames"] = names
     if params["train_per_class"] < 1 or params["test_per_class"] < 1 or params["val_per_class"] < 0:
         raise DataError(
             "Synthetic `train_per_class` and `test_per_class` must be at least 1 and "
@@ -160,7 +183,7 @@ def generate_synthetic(
             f"{image_size} and {seed}."
         )
     base = Path(root)
-    dir_name = synthetic_dir_name(**params)
+    dir_name = synthetic_dir_name(params)
     final = BiomedCoOpPaths(base, dir_name).dataset_dir
     if _is_complete(final, params):
         return final
@@ -181,7 +204,7 @@ def generate_synthetic(
     return final
 
 
-def _is_complete(folder: Path, params: dict[str, int]) -> bool:
+def _is_complete(folder: Path, params: Mapping[str, Any]) -> bool:
     marker = folder / _MARKER
     try:
         return json.loads(marker.read_text(encoding="utf-8")) == params
@@ -191,6 +214,9 @@ def _is_complete(folder: Path, params: dict[str, int]) -> bool:
 
 def load_synthetic(cfg: Mapping[str, Any]) -> DatasetSplits:
     """Generate (or reuse) the set a ``format: synthetic`` config describes and read it back.
+
+    Config keys: ``num_classes``, ``train_per_class``, ``val_per_class``, ``test_per_class``,
+    ``image_size``, ``seed``, ``root`` and optional ``classnames`` (renames the classes).
 
     The production BiomedCoOp reader does the reading, so tests on synthetic data exercise it.
     """
@@ -203,12 +229,5 @@ def load_synthetic(cfg: Mapping[str, Any]) -> DatasetSplits:
         "image_size": int(cfg.get("image_size", 64)),
         "seed": int(cfg.get("seed", 0)),
     }
-    folder = generate_synthetic(root, **params)
-    classnames = synthetic_classnames(params["num_classes"])
-    expected = config_classnames(cfg)
-    if expected is not None and expected != classnames:
-        raise DataError(
-            f"The synthetic set has the classes {classnames} but the config lists "
-            f"{expected}; drop `classnames` from the config or list these."
-        )
+    folder = generate_synthetic(root, **params, classnames=config_classnames(cfg))
     return read_biomedcoop(root, folder.name, name=str(cfg.get("name") or "synthetic"))

@@ -7,6 +7,7 @@ the app folder, the run-config and the number of SuperNodes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import tomli_w
@@ -87,56 +88,86 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) 
     raise TimeoutError(f"flower-superlink did not open port {port} within {timeout:.0f} s.")
 
 
-def simulate(experiment: str, overrides: Sequence[str], cfg: DictConfig) -> int:
-    """Run the experiment on a private local SuperLink; returns ``flwr run``'s exit code."""
-    with tempfile.TemporaryDirectory(prefix="fedprompt-sim-") as tmp:
-        workdir = Path(tmp)
-        port = _free_port()
-        env = {**os.environ, **QUIET_FLOWER_ENV, "FLWR_HOME": str(workdir / "flwr-home")}
-        (workdir / "flwr-home").mkdir()
-        connection = {"address": f"127.0.0.1:{port}", "insecure": True}
-        (workdir / "flwr-home" / "config.toml").write_text(
-            tomli_w.dumps({"superlink": {"default": "fedprompt", "fedprompt": connection}}),
-            encoding="utf-8",
-        )
-        app_dir = write_app(workdir / "app", experiment)
-        run_config = workdir / "run-config.toml"
-        run_config.write_text(
-            tomli_w.dumps(overrides_to_run_config(experiment, overrides)), encoding="utf-8"
-        )
-        federation = (
-            f"num-supernodes={int(cfg.federation.num_sites)} "
-            f"client-resources-num-cpus={cfg.federation.client_cpus} "
-            f"client-resources-num-gpus={cfg.federation.client_gpus}"
-        )
+@contextlib.contextmanager
+def private_superlink(workdir: Path) -> Iterator[dict[str, str]]:
+    """A SuperLink in simulation mode on a free port, and the environment that targets it.
+
+    ``flwr run <app> fedprompt`` run with the yielded environment reaches this SuperLink; it and
+    every process it started are stopped on exit.
+    """
+    port = _free_port()
+    home = workdir / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    connection = {"address": f"127.0.0.1:{port}", "insecure": True}
+    (home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": "fedprompt", "fedprompt": connection}}),
+        encoding="utf-8",
+    )
+    env = {**os.environ, **QUIET_FLOWER_ENV, "FLWR_HOME": str(home)}
+    with (workdir / "superlink.log").open("w") as log_file:
         superlink = subprocess.Popen(
             [
                 _tool("flower-superlink"),
                 "--insecure",
                 "--simulation",
-                "--host", "127.0.0.1",
-                "--port", str(port),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
                 "--disable-runtime-dependency-installation",
-                "--database", ":flwr-in-memory:",
+                "--database",
+                ":flwr-in-memory:",
             ],
             env=env,
-            cwd=os.getcwd(),
-            stdout=(workdir / "superlink.log").open("w"),
+            stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         try:
             _wait_for_port(port, superlink)
-            command = [
-                _tool("flwr"), "run", str(app_dir), "fedprompt",
-                "--run-config", str(run_config),
-                "--federation-config", federation,
-                "--stream",
-            ]
-            return subprocess.run(command, env=env, check=False).returncode
+            yield env
         finally:
             os.killpg(superlink.pid, signal.SIGTERM)
             try:
                 superlink.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(superlink.pid, signal.SIGKILL)
+
+
+def flwr_run_command(app_dir: Path, run_config: Path, cfg: DictConfig) -> list[str]:
+    """``flwr run`` with one SuperNode per site and each site's resources from the config."""
+    federation = (
+        f"num-supernodes={int(cfg.federation.num_sites)} "
+        f"client-resources-num-cpus={cfg.federation.client_cpus} "
+        f"client-resources-num-gpus={cfg.federation.client_gpus}"
+    )
+    return [
+        _tool("flwr"),
+        "run",
+        str(app_dir),
+        "fedprompt",
+        "--run-config",
+        str(run_config),
+        "--federation-config",
+        federation,
+        "--stream",
+    ]
+
+
+def write_run_config(path: Path, run_config: dict[str, object]) -> Path:
+    """A TOML run-config file, which spares any shell quoting of values."""
+    path.write_text(tomli_w.dumps(run_config), encoding="utf-8")
+    return path
+
+
+def simulate(experiment: str, overrides: Sequence[str], cfg: DictConfig) -> int:
+    """Run the experiment on a private local SuperLink; returns ``flwr run``'s exit code."""
+    with tempfile.TemporaryDirectory(prefix="fedprompt-sim-") as tmp:
+        workdir = Path(tmp)
+        app_dir = write_app(workdir / "app", experiment)
+        run_config = write_run_config(
+            workdir / "run-config.toml", overrides_to_run_config(experiment, overrides)
+        )
+        with private_superlink(workdir) as env:
+            command = flwr_run_command(app_dir, run_config, cfg)
+            return subprocess.run(command, env=env, check=False).returncode

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 from flwr.proto.node_pb2 import NodeInfo
+from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 

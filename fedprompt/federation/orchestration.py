@@ -42,7 +42,7 @@ def wait_for_sites(grid: Grid, num_sites: int, timeout: float) -> None:
         if connected > num_sites or time.monotonic() > deadline:
             raise RuntimeError(
                 f"The run expects one SuperNode per site ({num_sites}) but {connected} are "
-                f"connected; in simulation pass --federation-config \"num-supernodes={num_sites}\" "
+                f'connected; in simulation pass --federation-config "num-supernodes={num_sites}" '
                 "to flwr run (fedprompt simulate does this for you), or set federation.num_sites."
             )
         time.sleep(1.0)
@@ -140,6 +140,11 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - started,
     }
     results.write_json("summary.json", summary)
-    log(INFO, "[fedprompt] final %s accuracy %.1f%%; results in %s",
-        summary["final"]["source"], 100 * summary["final"]["accuracy"], results.path)
+    log(
+        INFO,
+        "[fedprompt] final %s accuracy %.1f%%; results in %s",
+        summary["final"]["source"],
+        100 * summary["final"]["accuracy"],
+        results.path,
+    )
     return summary

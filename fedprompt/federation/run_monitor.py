@@ -1,4 +1,4 @@
-"""End-of-round bookkeeping: central evaluation, one metrics line per round, progress, checkpoint."""
+"""End of each round: central evaluation, one metrics line, progress on the terminal, checkpoint."""
 
 from __future__ import annotations
 
@@ -72,8 +72,11 @@ class RunMonitor:
             self.initial = central
             self._round_start = time.perf_counter()
             if central:
-                log(INFO, "[fedprompt] before training: central accuracy %.1f%%",
-                    100 * central["accuracy"])
+                log(
+                    INFO,
+                    "[fedprompt] before training: central accuracy %.1f%%",
+                    100 * central["accuracy"],
+                )
             return MetricRecord(central) if central else None
         sites = {
             self._name(node_id, traffic): _site_line(traffic)

@@ -1,0 +1,50 @@
+"""CoOp (Zhou et al., IJCV 2022): learnable context vectors in the prompt of every class."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fedprompt.backbones import Backbone
+from fedprompt.learners.base import Learner
+from fedprompt.learners.registry import register_learner
+from fedprompt.text import PromptTextEncoder
+
+
+@register_learner("coop")
+class CoOp(Learner):
+    """Prompts ``[CLS] ctx_1..ctx_n <class>. [SEP]`` with learnable ``ctx`` (the only trainable key).
+
+    Args:
+        backbone: The shared frozen backbone.
+        classnames: One name per class, in label order.
+        n_ctx: Number of context vectors.
+        ctx_init: Words whose embeddings initialise the context when they are ``n_ctx`` tokens
+            (CoOp's "a photo of a"); otherwise the context starts random (std 0.02).
+        class_specific: One context per class (CoOp's CSC variant) instead of a shared one.
+        trim_padding: Run the text tower on the prompts without their common trailing padding
+            (same features, far faster for BiomedCLIP's 256-token context).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classnames: Sequence[str],
+        *,
+        n_ctx: int = 4,
+        ctx_init: str | None = "a photo of a",
+        class_specific: bool = False,
+        trim_padding: bool = True,
+    ) -> None:
+        super().__init__(backbone, classnames)
+        self.class_specific = class_specific
+        self.prompt_encoder = PromptTextEncoder(
+            backbone, self.classnames, n_ctx=n_ctx, ctx_init=ctx_init, trim=trim_padding
+        )
+        self.ctx = torch.nn.Parameter(self.prompt_encoder.init_context(class_specific))
+
+    def text_features(self) -> torch.Tensor:
+        """L2-normalised float32 class text features (C, D) for the current context."""
+        return F.normalize(self.prompt_encoder.encode(self.ctx).float(), dim=-1)

@@ -1,0 +1,53 @@
+import pytest
+from omegaconf.errors import ReadonlyConfigError
+
+from fedprompt.config import ConfigError, compose_config, list_choices
+
+
+def test_experiments_are_listed():
+    assert {"quickstart", "btmri_5sites"} <= set(list_choices("experiment"))
+
+
+def test_quickstart_composes_offline_defaults():
+    cfg = compose_config("quickstart")
+    assert cfg.experiment_name == "quickstart"
+    assert cfg.backbone.spec == "miniature"
+    assert cfg.dataset.name == "btmri"
+    assert cfg.method.name == "coop" and cfg.method.n_ctx == 4
+
+
+def test_main_experiment_uses_biomedclip_and_five_sites():
+    cfg = compose_config("btmri_5sites")
+    assert cfg.backbone.spec == "biomedclip"
+    assert cfg.federation.num_sites == 5
+    assert cfg.partition.name == "dirichlet"
+
+
+@pytest.mark.parametrize("group", ["backbone", "dataset", "method", "partition"])
+def test_every_group_file_is_named_by_its_name_key(group):
+    for choice in list_choices(group):
+        overrides = [f"{group}={choice}"]
+        if choice == "local_dir":
+            overrides.append("backbone.path=/models/biomedclip")
+        assert compose_config(None, overrides)[group].name == choice
+
+
+def test_local_dir_backbone_spec_carries_the_path():
+    cfg = compose_config(None, ["backbone=local_dir", "backbone.path=/models/biomedclip"])
+    assert cfg.backbone.spec == "local-dir:/models/biomedclip"
+
+
+def test_composed_config_is_read_only():
+    cfg = compose_config("quickstart")
+    with pytest.raises(ReadonlyConfigError):
+        cfg.seed = 3
+
+
+def test_unknown_experiment_says_which_exist():
+    with pytest.raises(ConfigError, match="quickstart"):
+        compose_config("no-such-experiment")
+
+
+def test_bad_key_is_one_clear_error():
+    with pytest.raises(ConfigError, match="Cannot compose"):
+        compose_config("quickstart", ["federation.no_such_key=3"])
