@@ -79,10 +79,7 @@ class SiteSession:
     def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen features of the site's ``train`` or ``test`` images (cached per process)."""
         images = self.data.train if split == "train" else self.data.test
-        label = f"{self.data.name} {split} features"
-        return PROCESS_FEATURE_CACHE.get(
-            self.backbone, images, int(self.cfg.evaluation.batch_size), label
-        )
+        return PROCESS_FEATURE_CACHE.get(self.backbone, images, int(self.cfg.evaluation.batch_size))
 
     def learner(self, global_state: Mapping[str, torch.Tensor | np.ndarray]) -> Learner:
         """A learner holding the global trainable state the server sent."""

@@ -222,7 +222,9 @@ def test_config_classnames_and_sizes_match_the_real_split_files(path):
 def test_real_split_file_read_through_the_reader(tmp_path):
     """The full BTMRI split parses; the reader then asks for the (absent) images."""
     (tmp_path / "BTMRI" / "BTMRI").mkdir(parents=True)
-    (tmp_path / "BTMRI" / "split_BTMRI.json").write_bytes((SPLITS / "split_BTMRI.json").read_bytes())
+    (tmp_path / "BTMRI" / "split_BTMRI.json").write_bytes(
+        (SPLITS / "split_BTMRI.json").read_bytes()
+    )
     with pytest.raises(DatasetNotFoundError, match=r"glioma_tumor/image03\.jpg"):
         read_biomedcoop(tmp_path, "BTMRI", classnames=BTMRI_CLASSES)
 

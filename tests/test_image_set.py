@@ -86,7 +86,7 @@ def test_invalid_construction_and_subset_raise_data_error(tmp_path):
     paths = _write_images(tmp_path, 2)
     with pytest.raises(DataError, match="2 images, 3 labels"):
         ImageSet(paths, [0, 1, 1], ["a", "b"])
-    with pytest.raises(DataError, match="Labels must lie in 0..1"):
+    with pytest.raises(DataError, match=r"Labels must lie in 0\.\.1"):
         ImageSet(paths, [0, 2], ["a", "b"])
     with pytest.raises(DataError, match="uint8"):
         ImageSet(np.zeros((2, 3, 3), np.float32), [0, 1], ["a", "b"])
@@ -98,7 +98,7 @@ def test_corrupt_image_names_the_file(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     images = ImageSet([bad], [0], ["a"])
-    with pytest.raises(CorruptImageError, match="broken.jpg") as info:
+    with pytest.raises(CorruptImageError, match=r"broken\.jpg") as info:
         images[0]
     assert "replace" in str(info.value)
 
@@ -113,7 +113,7 @@ def test_truncated_image_is_corrupt(tmp_path):
 
 def test_missing_file_is_reported_as_not_found(tmp_path):
     images = ImageSet([tmp_path / "gone.png"], [0], ["a"])
-    with pytest.raises(DatasetNotFoundError, match="gone.png"):
+    with pytest.raises(DatasetNotFoundError, match=r"gone\.png"):
         images[0]
 
 

@@ -70,7 +70,7 @@ class Backbone:
         return self
 
     def __deepcopy__(self, memo: dict) -> Backbone:
-        """The same object: a backbone is a per-process singleton, so copies of learners share it."""
+        """The same object: a backbone is a per-process singleton that copied learners share."""
         return self
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ class BackboneUnavailableError(RuntimeError):
 
 
 def default_cache_dir() -> Path:
-    """fedprompt's build cache: ``$FEDPROMPT_CACHE``, else ``~/.cache/fedprompt``."""
+    """The root of fedprompt's build cache: ``$FEDPROMPT_CACHE``, else ``~/.cache/fedprompt``."""
     configured = os.environ.get("FEDPROMPT_CACHE")
     return Path(configured or "~/.cache/fedprompt").expanduser().absolute()
 
@@ -259,7 +259,8 @@ def _check_local_dir(folder: Path) -> None:
             f"exist (was the folder moved?); {remedy}."
         )
     if text_cfg.get("hf_tokenizer_name") and not any(
-        (folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+        (folder / name).is_file()
+        for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
     ):
         raise BackboneUnavailableError(f"{folder} has no tokenizer files; {remedy}.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -26,14 +27,15 @@ _SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _PUNCTUATION = ".,;:!?'\"()[]-/%+&*#=<>_"
 # Whole-word entries so that prompts of the medical benchmarks tokenize to a realistic length;
 # everything else falls back to single characters.
-_WORDS = (
-    "a an the of in on with and or no not is are this that photo image picture scan slice view "
-    "showing shows contains type class sign signs case patient medical clinical normal abnormal "
-    "healthy benign malignant tumor tumour cancer lesion mass nodule cyst brain mri ct x ray "
-    "xray chest lung lungs pneumonia covid tuberculosis glioma meningioma pituitary breast "
-    "ultrasound retina retinal fundus eye skin mole melanoma nevus carcinoma cell cells tissue "
-    "blood colon polyp kidney liver bone fracture knee heart organ adenocarcinoma squamous "
-    "histopathology pathology dermoscopy endoscopy microscopy left right small large"
+_WORDS = (  # noqa: SIM905 (a word list reads better as text)
+    "a an the of in on with and or no not is are this that photo image picture scan slice "
+    "view showing shows contains type class sign signs case patient medical clinical normal "
+    "abnormal healthy benign malignant tumor tumour cancer lesion mass nodule cyst brain mri "
+    "ct x ray xray chest lung lungs pneumonia covid tuberculosis glioma meningioma pituitary "
+    "breast ultrasound retina retinal fundus eye skin mole melanoma nevus carcinoma cell "
+    "cells tissue blood colon polyp kidney liver bone fracture knee heart organ "
+    "adenocarcinoma squamous histopathology pathology dermoscopy endoscopy microscopy left "
+    "right small large"
 ).split()
 
 # Seeded model construction uses torch's global generator; one build at a time per process.
@@ -48,6 +50,11 @@ def read_model_config(name: str) -> dict[str, Any]:
     """
     with open(_CONFIG_DIR / f"{name}.json", encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def _fingerprint(config: Mapping[str, Any]) -> str:
+    """Short digest of an architecture description, so that editing it invalidates old builds."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def generated_vocab(size: int | None = None) -> list[str]:
@@ -88,8 +95,8 @@ def write_open_clip_config(
 ) -> None:
     """Writes ``open_clip_config.json``, pointing an HF text tower and tokenizer at ``text_dir``.
 
-    open_clip resolves ``text_cfg.hf_model_name`` itself (``AutoConfig.from_pretrained``), so it must
-    name the folder that finally holds the BERT files, not a hub repository.
+    open_clip resolves ``text_cfg.hf_model_name`` itself (``AutoConfig.from_pretrained``), so it
+    must name the folder that finally holds the BERT files, not a hub repository.
     """
     config = copy.deepcopy(dict(open_clip_config))
     text_cfg = config["model_cfg"]["text_cfg"]
@@ -175,7 +182,7 @@ def _move_into_place(
                 continue
             if not replace_stale:
                 raise FileExistsError(
-                    f"{target} exists and is not a complete build; remove it or choose another folder"
+                    f"{target} exists and is not a complete build; remove it or choose another"
                 ) from None
             aside = target.with_name(f".{target.name}.stale-{uuid.uuid4().hex}")
             try:
@@ -195,10 +202,12 @@ def build_miniature(
 ) -> Path:
     """Builds (once) a tiny model of a CLIP family as a folder that ``local-dir:`` loads.
 
-    ``hf_bert`` mirrors BiomedCLIP (timm ViT ``test_vit`` + a two-layer BERT text tower, CLS pooling,
-    MLP projection); ``native`` is an open_clip ``CLIP`` with a causal text transformer and the
-    bundled BPE tokenizer. Weights are random but seeded, so every process builds the same model,
-    and the folder is loaded through the production ``local-dir:`` path, which is the point.
+    ``hf_bert`` mirrors BiomedCLIP (timm ViT ``test_vit`` + a two-layer BERT text tower, CLS
+    pooling, MLP projection); ``native`` is an open_clip ``CLIP`` with a causal text transformer
+    and the bundled BPE tokenizer. Weights are random but seeded, so every process builds the same
+    model, and the folder is loaded through the production ``local-dir:`` path, which is the point.
+    The tiny BERT draws its weights with std 0.3 instead of BERT's 0.02: at 0.02 it maps every
+    class prompt to nearly the same feature, and nothing could be learned on it.
 
     Args:
         directory: Destination folder; reused when it already holds this build.
@@ -232,6 +241,7 @@ def build_miniature(
         "format": BUILD_FORMAT,
         "text_kind": text_kind,
         "seed": seed,
+        "config": _fingerprint(spec),
         "path": str(target),
     }
     return build_directory_atomically(target, build, manifest)
@@ -252,5 +262,11 @@ def write_architecture_dir(directory: str | os.PathLike, name: str) -> Path:
             write_bert_files(tmp, spec["bert_config"])
         write_open_clip_config(tmp, spec["open_clip_config"], target if has_bert else None)
 
-    manifest = {"kind": "architecture", "format": BUILD_FORMAT, "name": name, "path": str(target)}
+    manifest = {
+        "kind": "architecture",
+        "format": BUILD_FORMAT,
+        "name": name,
+        "config": _fingerprint(spec),
+        "path": str(target),
+    }
     return build_directory_atomically(target, build, manifest)

@@ -1,4 +1,4 @@
-"""K-shot sampling per class, seeded as in the CoOp/BiomedCoOp few-shot protocol."""
+"""K-shot sampling per class, reproducible for a seed (the few-shot protocol of the CoOp papers)."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.data.few_shot import few_shot_indices
@@ -106,30 +107,46 @@ def plan_sites(cfg: DictConfig, splits: DatasetSplits) -> SitePartition:
     )
 
 
+def site_train_indices(
+    cfg: DictConfig, splits: DatasetSplits, plan: SitePartition, index: int
+) -> np.ndarray:
+    """Indices into the train split that site ``index`` trains on: its shard, few-shot sampled.
+
+    ``train.shots`` images per class are drawn from the site's own shard with seed
+    ``seed + index``, so sites draw independently and a run is repeatable.
+    """
+    shard = np.asarray(plan.train[index])
+    shots = int(cfg.train.shots)
+    if shots <= 0:
+        return shard
+    return shard[few_shot_indices(splits.train.labels[shard], shots, int(cfg.seed) + index)]
+
+
 def site_data(cfg: DictConfig, splits: DatasetSplits, plan: SitePartition, index: int) -> SiteData:
-    """Site ``index``'s images; its training shard is few-shot sampled with a per-site seed."""
+    """Site ``index``'s images: its (few-shot) training images and its own test images."""
     if not 0 <= index < len(plan.site_names):
         raise ValueError(f"Site index {index} is outside 0..{len(plan.site_names) - 1}.")
-    train = splits.train.subset(plan.train[index])
-    shots = int(cfg.train.shots)
-    if shots > 0:
-        train = train.subset(few_shot_indices(train.labels, shots, int(cfg.seed) + index))
     return SiteData(
         name=plan.site_names[index],
         index=index,
         classnames=list(splits.classnames),
-        train=train,
+        train=splits.train.subset(site_train_indices(cfg, splits, plan, index)),
         test=splits.test.subset(plan.test[index]),
     )
 
 
 def plan_report(cfg: DictConfig, splits: DatasetSplits, plan: SitePartition) -> dict[str, Any]:
-    """The JSON written to ``partitions.json``: assignment and per-site label histograms."""
+    """What ``partitions.json`` holds: the images each site really uses, with histograms."""
+    used = SitePartition(
+        site_names=plan.site_names,
+        train=[site_train_indices(cfg, splits, plan, i) for i in range(len(plan.site_names))],
+        test=plan.test,
+    )
     return partitions_report(
-        plan,
+        used,
         splits.train.labels,
         splits.test.labels,
         splits.classnames,
         str(cfg.partition.name),
-        {"seed": int(cfg.seed), **partition_params(cfg)},
+        {"seed": int(cfg.seed), "shots": int(cfg.train.shots), **partition_params(cfg)},
     )

@@ -216,7 +216,9 @@ def load_synthetic(cfg: Mapping[str, Any]) -> DatasetSplits:
     """Generate (or reuse) the set a ``format: synthetic`` config describes and read it back.
 
     Config keys: ``num_classes``, ``train_per_class``, ``val_per_class``, ``test_per_class``,
-    ``image_size``, ``seed``, ``root`` and optional ``classnames`` (renames the classes).
+    ``image_size``, ``seed``, ``root`` and optional ``classnames``, which rename the classes;
+    the default picture names ("red disc", ...) instead follow ``num_classes``, so overriding
+    ``num_classes`` alone works.
 
     The production BiomedCoOp reader does the reading, so tests on synthetic data exercise it.
     """
@@ -229,5 +231,8 @@ def load_synthetic(cfg: Mapping[str, Any]) -> DatasetSplits:
         "image_size": int(cfg.get("image_size", 64)),
         "seed": int(cfg.get("seed", 0)),
     }
-    folder = generate_synthetic(root, **params, classnames=config_classnames(cfg))
+    names = config_classnames(cfg)
+    if names is not None and names == synthetic_classnames(len(names)):
+        names = None
+    folder = generate_synthetic(root, **params, classnames=names)
     return read_biomedcoop(root, folder.name, name=str(cfg.get("name") or "synthetic"))

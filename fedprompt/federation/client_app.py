@@ -24,7 +24,8 @@ def _site_index(context: Context, cfg: DictConfig) -> int:
     if num_partitions != int(cfg.federation.num_sites):
         raise ValueError(
             f"The federation has {num_partitions} nodes but federation.num_sites is "
-            f"{cfg.federation.num_sites}; set them equal (--federation-config num-supernodes=...)."
+            f"{cfg.federation.num_sites}; set them equal "
+            f"(--federation-config num-supernodes={cfg.federation.num_sites})."
         )
     return int(context.node_config["partition-id"])
 

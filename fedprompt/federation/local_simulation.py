@@ -88,6 +88,16 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) 
     raise TimeoutError(f"flower-superlink did not open port {port} within {timeout:.0f} s.")
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a process group started with ``start_new_session``; gone already is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def private_superlink(workdir: Path) -> Iterator[dict[str, str]]:
     """A SuperLink in simulation mode on a free port, and the environment that targets it.
@@ -103,7 +113,9 @@ def private_superlink(workdir: Path) -> Iterator[dict[str, str]]:
         tomli_w.dumps({"superlink": {"default": "fedprompt", "fedprompt": connection}}),
         encoding="utf-8",
     )
-    env = {**os.environ, **QUIET_FLOWER_ENV, "FLWR_HOME": str(home)}
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    env = {**os.environ, **QUIET_FLOWER_ENV, "FLWR_HOME": str(home), "PATH": path}
     with (workdir / "superlink.log").open("w") as log_file:
         superlink = subprocess.Popen(
             [
@@ -127,11 +139,7 @@ def private_superlink(workdir: Path) -> Iterator[dict[str, str]]:
             _wait_for_port(port, superlink)
             yield env
         finally:
-            os.killpg(superlink.pid, signal.SIGTERM)
-            try:
-                superlink.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(superlink.pid, signal.SIGKILL)
+            _stop(superlink)
 
 
 def flwr_run_command(app_dir: Path, run_config: Path, cfg: DictConfig) -> list[str]:

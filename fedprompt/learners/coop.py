@@ -15,7 +15,7 @@ from fedprompt.text import PromptTextEncoder
 
 @register_learner("coop")
 class CoOp(Learner):
-    """Prompts ``[CLS] ctx_1..ctx_n <class>. [SEP]`` with learnable ``ctx`` (the only trainable key).
+    """Prompts ``[CLS] ctx_1..ctx_n <class>. [SEP]`` whose context ``ctx`` alone is trained.
 
     Args:
         backbone: The shared frozen backbone.

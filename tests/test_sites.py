@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedprompt.config import compose_config
+from fedprompt.data.sites import (
+    dataset_config,
+    load_splits,
+    plan_report,
+    plan_sites,
+    resolve_root,
+    site_data,
+)
+
+SHARED = Path(__file__).parents[1] / "../shared/data"
+needs_shared = pytest.mark.skipif(
+    not (SHARED / "btmri-mini").is_dir(), reason="../shared/data/btmri-mini is absent"
+)
+
+
+def test_relative_root_falls_back_to_the_project_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_root("configs") == (Path(__file__).parents[1] / "configs").resolve()
+    assert resolve_root("nowhere") == (tmp_path / "nowhere").resolve()
+    assert resolve_root(tmp_path) == tmp_path.resolve()
+
+
+def test_missing_quickstart_data_gets_a_synthetic_stand_in(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPROMPT_CACHE", str(tmp_path / "cache"))
+    cfg = compose_config("quickstart", [f"dataset.root={tmp_path / 'absent'}"])
+    stand_in = dataset_config(cfg)
+    assert stand_in["format"] == "synthetic"
+    assert stand_in["classnames"] == list(cfg.dataset.classnames)
+    splits = load_splits(cfg)
+    assert splits.classnames == list(cfg.dataset.classnames)
+    assert len(splits.train) == 4 * stand_in["train_per_class"]
+
+
+def test_missing_data_without_fallback_is_not_replaced(tmp_path):
+    cfg = compose_config(None, [f"dataset.root={tmp_path / 'absent'}"])
+    assert dataset_config(cfg)["format"] == "biomedcoop"
+
+
+@needs_shared
+def test_sites_hold_disjoint_few_shot_training_images_and_own_test_images():
+    cfg = compose_config("quickstart", ["train.shots=2", "federation.num_sites=3"])
+    splits = load_splits(cfg)
+    plan = plan_sites(cfg, splits)
+    sites = [site_data(cfg, splits, plan, i) for i in range(3)]
+    for site in sites:
+        assert np.all(site.train.class_counts() <= 2)
+        assert site.train.class_counts().sum() == 8  # 4 classes, 2 shots, iid shards of 40
+        assert len(site.test) > 0
+    train_ids = [set(site.train.identities) for site in sites]
+    assert not (train_ids[0] & train_ids[1]) and not (train_ids[1] & train_ids[2])
+    report = plan_report(cfg, splits, plan)
+    assert [s["train_size"] for s in report["sites"]] == [8, 8, 8]
+    assert report["params"]["shots"] == 2
+    used = [splits.train.identities[i] for i in report["sites"][0]["train_indices"]]
+    assert set(used) == train_ids[0]
+
+
+@needs_shared
+def test_site_assignment_is_deterministic_and_seeded():
+    cfg = compose_config("quickstart", ["train.shots=1"])
+    splits = load_splits(cfg)
+    first = site_data(cfg, splits, plan_sites(cfg, splits), 0).train.identities
+    again = site_data(cfg, splits, plan_sites(cfg, splits), 0).train.identities
+    other_cfg = compose_config("quickstart", ["train.shots=1", "seed=5"])
+    other = site_data(other_cfg, splits, plan_sites(other_cfg, splits), 0).train.identities
+    assert first == again and first != other
+
+
+@needs_shared
+def test_site_index_outside_the_federation_is_refused():
+    cfg = compose_config("quickstart")
+    splits = load_splits(cfg)
+    with pytest.raises(ValueError, match="outside"):
+        site_data(cfg, splits, plan_sites(cfg, splits), 3)
