@@ -67,10 +67,9 @@ def test_miniature_is_a_local_dir_loaded_by_the_production_path(
     assert (folder / "vocab.txt").is_file() and (folder / "config.json").is_file()
     direct = load_backbone(f"local-dir:{folder}")
     assert direct is not miniature_backbone
-    for (name, a), b in zip(
-        miniature_backbone.model.state_dict().items(), direct.model.state_dict().values()
-    ):
-        assert torch.equal(a, b), name
+    loaded = direct.model.state_dict()
+    for name, value in miniature_backbone.model.state_dict().items():
+        assert torch.equal(value, loaded[name]), name
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -202,7 +201,7 @@ def test_biomedclip_hub_failure_is_wrapped(monkeypatch):
 def test_missing_local_dir_says_what_is_missing(tmp_path):
     with pytest.raises(BackboneUnavailableError, match="does not exist"):
         load_backbone(f"local-dir:{tmp_path / 'nowhere'}")
-    with pytest.raises(BackboneUnavailableError, match="no open_clip_config.json"):
+    with pytest.raises(BackboneUnavailableError, match=r"no open_clip_config\.json"):
         load_backbone(f"local-dir:{tmp_path}")
 
 
@@ -211,6 +210,21 @@ def test_local_dir_without_weights_says_so(miniature_backbone, backbone_cache_di
     shutil.copytree(backbone_cache_dir / "miniature-v1", folder)
     (folder / "open_clip_pytorch_model.bin").unlink()
     with pytest.raises(BackboneUnavailableError, match="no weights"):
+        load_backbone(f"local-dir:{folder}")
+
+
+def test_local_dir_with_a_hub_text_model_gets_a_hint(
+    miniature_backbone, backbone_cache_dir, tmp_path, monkeypatch
+):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no network
+    folder = tmp_path / "copy"
+    shutil.copytree(backbone_cache_dir / "miniature-v1", folder)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["hf_model_name"] = "microsoft/BiomedNLP-BiomedBERT"
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneUnavailableError, match="is no local folder"):
         load_backbone(f"local-dir:{folder}")
 
 

@@ -83,13 +83,13 @@ def test_trainable_state_round_trip_reproduces_logits(backbone, class_specific):
 def test_bad_trainable_state_names_the_key(miniature_backbone):
     learner = CoOp(miniature_backbone, CLASSES)
     ctx = learner.trainable_state()["ctx"]
-    with pytest.raises(ValueError, match="unexpected \\['prompt'\\]"):
+    with pytest.raises(ValueError, match=r"unexpected \['prompt'\]"):
         learner.load_trainable_state({"prompt": ctx})
-    with pytest.raises(ValueError, match="missing \\['ctx'\\]"):
+    with pytest.raises(ValueError, match=r"missing \['ctx'\]"):
         learner.load_trainable_state({})
-    with pytest.raises(ValueError, match="unexpected \\['extra'\\]"):
+    with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
         learner.load_trainable_state({"ctx": ctx, "extra": ctx})
-    with pytest.raises(ValueError, match="'ctx' has shape \\(4, 3\\), expected \\(4, 48\\)"):
+    with pytest.raises(ValueError, match=r"'ctx' has shape \(4, 3\), expected \(4, 48\)"):
         learner.load_trainable_state({"ctx": np.zeros((4, 3), dtype=np.float32)})
 
 

@@ -22,7 +22,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -57,10 +57,10 @@ class Backbone:
     """
 
     spec: str
-    model: torch.nn.Module
-    tokenizer: Callable[[Sequence[str]], torch.Tensor]
-    preprocess: Callable
-    preprocess_train: Callable
+    model: torch.nn.Module = field(repr=False)
+    tokenizer: Callable[[Sequence[str]], torch.Tensor] = field(repr=False)
+    preprocess: Callable = field(repr=False)
+    preprocess_train: Callable = field(repr=False)
     text_kind: Literal["hf_bert", "native"]
     image_size: int
     embed_dim: int
@@ -274,9 +274,16 @@ def _load_local_dir(spec: str, folder: Path, device: torch.device) -> Backbone:
         model = open_clip.create_model_from_pretrained(name, device=device, return_transform=False)
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as err:
+        config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
+        text_model = config["model_cfg"]["text_cfg"].get("hf_model_name")
+        hint = (
+            f" (its text_cfg.hf_model_name {text_model!r} is no local folder, so needs the hub)"
+            if text_model and not Path(text_model).is_dir()
+            else ""
+        )
         raise BackboneUnavailableError(
-            f"The backbone in {folder} could not be loaded ({type(err).__name__}: {err}); rebuild "
-            "it with fedprompt.backbones.save_local_copy."
+            f"The backbone in {folder} could not be loaded{hint}: {type(err).__name__}: {err}; "
+            "rebuild it with fedprompt.backbones.save_local_copy."
         ) from err
     return _wrap(spec, model, tokenizer, device)
 

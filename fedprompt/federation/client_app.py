@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -9,6 +11,11 @@ from omegaconf import DictConfig
 
 from fedprompt.federation.run_config import config_from_run_config
 from fedprompt.site_rounds import evaluate_round, train_round
+
+# Flower prints through its own handler. Without a handler on the root logger, the first library
+# call of logging.warning() (open_clip does this) installs a console handler there, and every
+# Flower line is printed twice.
+logging.getLogger().addHandler(logging.NullHandler())
 
 app = ClientApp()
 

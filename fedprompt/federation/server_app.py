@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedprompt.federation.orchestration import run_federation
 from fedprompt.federation.run_config import config_from_run_config
+
+# Flower prints through its own handler. Without a handler on the root logger, the first library
+# call of logging.warning() (open_clip does this) installs a console handler there, and every
+# Flower line is printed twice.
+logging.getLogger().addHandler(logging.NullHandler())
 
 app = ServerApp()
 
