@@ -139,7 +139,12 @@ def load_backbone(
     device = torch.device(device)
     kind, argument = _parse_spec(spec)
     root = Path(cache_dir).expanduser().absolute() if cache_dir is not None else default_cache_dir()
-    location = argument if kind == "local-dir" else str(root) if kind != "biomedclip" else ""
+    if kind == "local-dir":
+        location = argument
+    elif kind == "biomedclip":
+        location = ""  # the Hugging Face cache, whatever cache_dir says
+    else:
+        location = str(root)
     key = (kind, location, str(device))
     with _CACHE_LOCK:
         backbone = _CACHE.get(key)
