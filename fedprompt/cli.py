@@ -10,9 +10,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fedprompt.backbones import BackboneUnavailableError
-from fedprompt.config import ConfigError, compose_config, list_choices
-from fedprompt.data.image_set import DataError
+from fedprompt.config import compose_config, list_choices
+from fedprompt.data.sites import load_splits
+from fedprompt.user_errors import USER_ERRORS
 
 
 def _with_output_dir(experiment: str, overrides: list[str]) -> list[str]:
@@ -27,12 +27,13 @@ def _simulate(args: argparse.Namespace) -> int:
 
     overrides = _with_output_dir(args.experiment, list(args.overrides))
     cfg = compose_config(args.experiment, overrides)
+    load_splits(cfg)  # a missing or malformed dataset stops here, before Flower starts
     code = simulate(args.experiment, overrides, cfg)
     summary_path = Path(str(cfg.output_dir)) / "summary.json"
     if code != 0 or not summary_path.exists():
         print(
-            f"fedprompt: the run did not finish (flwr run exit code {code}); what it wrote is in "
-            f"{cfg.output_dir}, and the Flower log above says why.",
+            f"fedprompt: the run did not finish; what it wrote is in {cfg.output_dir}, and the "
+            "Flower log above says why (look for [fedprompt] or ERROR).",
             file=sys.stderr,
         )
         return code or 1
@@ -64,7 +65,7 @@ def _download(args: argparse.Namespace) -> int:
 def _save_backbone(args: argparse.Namespace) -> int:
     from fedprompt.backbones import save_local_copy
 
-    path = save_local_copy(args.directory)
+    path = save_local_copy(args.directory, **({"source": args.source} if args.source else {}))
     print(f"fedprompt: BiomedCLIP saved to {path}; use backbone=local_dir backbone.path={path}")
     return 0
 
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
         "save-local", help="save BiomedCLIP to a folder for offline use (needs the network once)"
     )
     save.add_argument("directory")
+    save.add_argument(
+        "--source",
+        help="local-dir:/path to re-home an existing copy (default: BiomedCLIP from the hub)",
+    )
     save.set_defaults(func=_save_backbone)
     return parser
 
@@ -108,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, BackboneUnavailableError, FileExistsError) as err:
+    except USER_ERRORS as err:
         print(f"fedprompt: {err}", file=sys.stderr)
         return 2
 

@@ -8,11 +8,10 @@ Specs:
     ``miniature`` / ``miniature-native``: tiny seeded models (BERT or native causal text tower),
         built offline into the fedprompt cache and loaded through the ``local-dir:`` path.
 
-Using BiomedCLIP offline: on a machine with network run
-``python -c "from fedprompt.backbones import save_local_copy; save_local_copy('/abs/dir')"``,
-copy the folder to the offline machine (to the same absolute path, or re-run ``save_local_copy``
-there with ``source='local-dir:/where/it/is'``), then run with
-``backbone=local_dir backbone.path=/abs/dir``.
+Using BiomedCLIP offline: on a machine with network run ``fedprompt backbone save-local /abs/dir``
+(``save_local_copy``), copy the folder to the offline machine (to the same absolute path, or
+re-home it there with ``fedprompt backbone save-local /new/dir --source local-dir:/where/it/is``),
+then run with ``backbone=local_dir backbone.path=/abs/dir``.
 """
 
 from __future__ import annotations
@@ -191,7 +190,7 @@ def _unavailable_message() -> str:
     return (
         f"BiomedCLIP ({BIOMEDCLIP_HUB_ID}) could not be loaded from the Hugging Face hub or its "
         "local cache: use an offline copy with `backbone=local_dir backbone.path=/abs/dir` (make "
-        "one with `fedprompt.backbones.save_local_copy('/abs/dir')` on a machine with network and "
+        "one with `fedprompt backbone save-local /abs/dir` on a machine with network and "
         "copy the folder over), or download it once elsewhere and run with HF_HUB_OFFLINE=1 on "
         "that Hugging Face cache, or use `backbone=miniature` for an offline test run."
     )
@@ -239,7 +238,7 @@ def _find_checkpoint(folder: Path) -> Path | None:
 
 def _check_local_dir(folder: Path) -> None:
     remedy = (
-        "make the folder with fedprompt.backbones.save_local_copy (see fedprompt.backbones.loader) "
+        "make the folder with `fedprompt backbone save-local /abs/dir` on a machine with network "
         "and pass it as backbone=local_dir backbone.path=/abs/dir"
     )
     if not folder.is_dir():
@@ -288,7 +287,7 @@ def _load_local_dir(spec: str, folder: Path, device: torch.device) -> Backbone:
         )
         raise BackboneUnavailableError(
             f"The backbone in {folder} could not be loaded{hint}: {type(err).__name__}: {err}; "
-            "rebuild it with fedprompt.backbones.save_local_copy."
+            "rebuild it with `fedprompt backbone save-local`."
         ) from err
     return _wrap(spec, model, tokenizer, device)
 

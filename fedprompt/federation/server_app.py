@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from logging import ERROR
 
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedprompt.federation.orchestration import run_federation
 from fedprompt.federation.run_config import config_from_run_config
+from fedprompt.user_errors import USER_ERRORS
 
 # Flower prints through its own handler. Without a handler on the root logger, the first library
 # call of logging.warning() (open_clip does this) installs a console handler there, and every
@@ -21,4 +24,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point of every fedprompt simulation and deployment."""
-    run_federation(grid, config_from_run_config(context.run_config))
+    try:
+        run_federation(grid, config_from_run_config(context.run_config))
+    except USER_ERRORS as err:
+        log(ERROR, "[fedprompt] %s", err)
+        raise SystemExit(1) from None
