@@ -181,7 +181,7 @@ def test_biomedclip_offline_without_cache_names_the_ways_out(monkeypatch, tmp_pa
         load_backbone("biomedclip")
     message = str(info.value)
     assert "backbone=local_dir" in message and "backbone=miniature" in message
-    assert "HF_HUB_OFFLINE=1" in message and "save_local_copy" in message
+    assert "HF_HUB_OFFLINE=1" in message and "fedprompt backbone save-local" in message
     assert info.value.__cause__ is not None
 
 
