@@ -16,10 +16,23 @@ from fedprompt.user_errors import USER_ERRORS
 
 
 def _with_output_dir(experiment: str, overrides: list[str]) -> list[str]:
-    """Fix the results folder here, so the Flower processes write where the user is."""
+    """Fix the results folder here, so the Flower processes write where the user is.
+
+    A resumed run writes on into the folder it resumes, given to every process as an absolute
+    path.
+    """
     from fedprompt.federation.orchestration import output_dir_for
 
-    return [*overrides, f"output_dir={output_dir_for(compose_config(experiment, overrides))}"]
+    cfg = compose_config(experiment, overrides)
+    folder = output_dir_for(cfg)
+    if not cfg.resume:
+        return [*overrides, f"output_dir={folder}"]
+    from fedprompt.federation.checkpoint import resumable_checkpoint
+
+    resumed = [*overrides, f"resume={folder}", f"output_dir={folder}"]
+    # Nothing to resume, or other settings than the run's, stops here, before Flower starts.
+    resumable_checkpoint(folder, compose_config(experiment, resumed))
+    return resumed
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -70,6 +83,22 @@ def _save_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_check(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from fedprompt.data.site_check import check_site, format_report, load_site_config
+
+    site = load_site_config(args.config)
+    expected = None
+    if args.experiment:
+        names = compose_config(args.experiment, list(args.overrides)).dataset.classnames
+        expected = None if names is None else list(names)
+    with tqdm(desc=f"reading {site.name}'s images", unit="image", leave=False) as bar:
+        report = check_site(site, expected, on_image=bar.update)
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; overrides are Hydra's ``key=value`` syntax."""
     parser = argparse.ArgumentParser(prog="fedprompt", description=__doc__)
@@ -92,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("dataset", choices=list_choices("dataset"))
     download.add_argument("--root", required=True, help="folder that will hold the dataset")
     download.set_defaults(func=_download)
+
+    site = commands.add_parser("site", help="a hospital's site").add_subparsers(
+        dest="action", required=True
+    )
+    check = site.add_parser(
+        "check",
+        help="check a site's images before it joins: readable, labelled, split; counts per class",
+    )
+    check.add_argument("config", help="the site config (sites/site.example.yaml is the template)")
+    check.add_argument(
+        "--experiment",
+        choices=list_choices("experiment"),
+        help="also check that the site's class list is this experiment's",
+    )
+    check.add_argument("overrides", nargs="*", help="Hydra overrides for --experiment")
+    check.set_defaults(func=_site_check)
 
     backbone = commands.add_parser("backbone", help="backbones").add_subparsers(
         dest="action", required=True

@@ -22,14 +22,31 @@ def _write_atomic(path: Path, text: str) -> None:
 class ResultsFolder:
     """Everything a run writes, in one folder a person or a script can read."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, resume: bool = False) -> None:
+        """Start a new results folder, or with ``resume`` reopen one to continue its run.
+
+        Raises:
+            FileExistsError: A new run would overwrite a finished one.
+            FileNotFoundError: The folder to resume does not exist.
+        """
         self.path = Path(path).resolve()
+        self.metrics_path = self.path / "metrics.jsonl"
+        if resume:
+            if not self.path.is_dir():
+                raise FileNotFoundError(
+                    f"Cannot resume from {self.path}: no such folder; give the results folder "
+                    "of the run to continue."
+                )
+            self.metrics_path.touch()
+            # A finished run that is continued is no longer finished until it ends again.
+            (self.path / "summary.json").unlink(missing_ok=True)
+            return
         if (self.path / "summary.json").exists():
             raise FileExistsError(
-                f"{self.path} already holds a finished run; set output_dir to a new folder."
+                f"{self.path} already holds a finished run; set output_dir to a new folder, "
+                "or continue it with resume= and more federation.rounds."
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.path / "metrics.jsonl"
         self.metrics_path.write_text("", encoding="utf-8")
 
     def write_config(self, cfg: DictConfig) -> None:
@@ -49,9 +66,23 @@ class ResultsFolder:
 
     def save_state(self, state: Mapping[str, torch.Tensor], name: str = "global_state.pt") -> None:
         """The global trainable tensors (a few kB), overwritten each round."""
+        self.save_torch(name, dict(state))
+
+    def save_torch(self, name: str, data: Mapping[str, Any]) -> None:
+        """A ``torch.save`` file written atomically (the checkpoint, the global state)."""
         tmp = self.path / f".{name}.tmp"
-        torch.save(dict(state), tmp)
+        torch.save(dict(data), tmp)
         os.replace(tmp, self.path / name)
+
+    def keep_metrics_through(self, last_round: int) -> list[dict[str, Any]]:
+        """Drop lines of rounds after ``last_round`` (written after the last checkpoint).
+
+        A resumed run repeats those rounds and writes their lines again, so the file ends up
+        with one line per round, as an uninterrupted run's.
+        """
+        kept = [line for line in self.read_metrics() if int(line["round"]) <= last_round]
+        _write_atomic(self.metrics_path, "".join(json.dumps(line) + "\n" for line in kept))
+        return kept
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All per-round lines written so far."""

@@ -2,7 +2,8 @@
 
 Everything heavy is loaded once per process and shared by every site that process serves: the
 frozen backbone (``load_backbone``'s cache), the dataset index and partition plan (memoised
-here), and the encoded image features (``PROCESS_FEATURE_CACHE``).
+here), and the encoded image features (``PROCESS_FEATURE_CACHE``, in memory within the
+``features`` budgets and on disk), so peak memory does not grow with the number of sites.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.backbones import Backbone, load_backbone
-from fedprompt.data.features import PROCESS_FEATURE_CACHE
+from fedprompt.data.features import PROCESS_FEATURE_CACHE, CachedViews, FeatureSettings
 from fedprompt.data.image_set import DatasetSplits
 from fedprompt.data.partition import SitePartition
 from fedprompt.data.sites import SiteData, load_splits, plan_sites, site_data
 from fedprompt.evaluation.metrics import ClassificationMetrics
 from fedprompt.learners import Learner, create_learner
-from fedprompt.training import TrainStats, evaluate, train_local
+from fedprompt.training import TrainStats, evaluate, required_inputs, train_local
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,8 +35,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def feature_settings(cfg: DictConfig) -> FeatureSettings:
+    """The run's ``features`` section (defaults where a config has none)."""
+    section = cfg.get("features")
+    return FeatureSettings.from_config(
+        OmegaConf.to_container(section, resolve=True) if section is not None else None
+    )
+
+
 def backbone_for(cfg: DictConfig) -> Backbone:
-    """The process's shared frozen backbone for this config."""
+    """The process's shared frozen backbone for this config.
+
+    Also sets the process feature cache's folder and budgets from the config's ``features``
+    section, so that every process of a run (sites, and the server's central evaluation) caches
+    features where and as the run says.
+    """
+    PROCESS_FEATURE_CACHE.configure(feature_settings(cfg))
     return load_backbone(str(cfg.backbone.spec), resolve_device(str(cfg.device)))
 
 
@@ -77,9 +92,17 @@ class SiteSession:
     data: SiteData
 
     def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen features of the site's ``train`` or ``test`` images (cached per process)."""
+        """Frozen features of the site's ``train`` or ``test`` images under the eval transform."""
         images = self.data.train if split == "train" else self.data.test
-        return PROCESS_FEATURE_CACHE.get(self.backbone, images, int(self.cfg.evaluation.batch_size))
+        return PROCESS_FEATURE_CACHE.get(
+            self.backbone, images, feature_settings(self.cfg).batch_size
+        )
+
+    def training_views(self, patch_tokens: bool = False) -> CachedViews:
+        """The ``features.views`` cached views of the training images, and patch tokens if asked."""
+        return PROCESS_FEATURE_CACHE.training_views(
+            self.backbone, self.data.train, feature_settings(self.cfg), patch_tokens=patch_tokens
+        )
 
     def learner(self, global_state: Mapping[str, torch.Tensor | np.ndarray]) -> Learner:
         """A learner holding the global trainable state the server sent."""
@@ -100,15 +123,23 @@ def train_round(
     global_state: Mapping[str, torch.Tensor | np.ndarray],
     server_round: int,
 ) -> tuple[dict[str, torch.Tensor], TrainStats]:
-    """Train the global prompt on this site's images; return the new trainable state."""
+    """Train the global prompt on this site's images; return the new trainable state.
+
+    Patch tokens are cached only when the configured learner's ``required_inputs`` name them; a
+    learner with nothing to train (``needs_training`` false) encodes nothing and takes no step.
+    """
     session = open_site(cfg, site_index)
-    features, labels = session.features("train")
     learner = session.learner(global_state)
+    if not getattr(learner, "needs_training", True):
+        return learner.trainable_state(), TrainStats(0.0, len(session.data.train), 0, 0.0)
+    views = session.training_views(patch_tokens="patch_tokens" in required_inputs(learner))
     seed = int(
         np.random.SeedSequence([int(cfg.seed), server_round, site_index]).generate_state(1)[0]
     )
     torch.manual_seed(seed)
-    stats = train_local(learner, features, labels, cfg.train, seed)
+    stats = train_local(
+        learner, views.features, views.labels, cfg.train, seed, patch_tokens=views.patch_tokens
+    )
     return learner.trainable_state(), stats
 
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +12,10 @@ import torch
 
 from fedprompt.evaluation.metrics import ClassificationMetrics, classification_metrics
 from fedprompt.learners import Learner
+
+SUPPORTED_INPUTS: tuple[str, ...] = ("views", "patch_tokens")
+"""Extra inputs this loop can pass to a learner's ``loss``: all cached views (B, V, D) of each
+image, and the frozen image tower's patch tokens (B, P, Dp) of the view fed this step."""
 
 
 @dataclass(frozen=True)
@@ -39,44 +42,129 @@ def make_optimizer(learner: Learner, train_cfg: Mapping[str, Any]) -> torch.opti
     raise ValueError(f"Unknown optimizer {name!r}; set train.optimizer to 'sgd' or 'adamw'.")
 
 
+def required_inputs(learner: Learner) -> tuple[str, ...]:
+    """The extra inputs a learner's ``loss`` takes (its ``required_inputs``), checked.
+
+    Raises:
+        ValueError: The learner asks for an input the training loop cannot provide.
+    """
+    needs = tuple(getattr(learner, "required_inputs", ()))
+    unknown = sorted(set(needs) - set(SUPPORTED_INPUTS))
+    if unknown:
+        raise ValueError(
+            f"{type(learner).__name__} asks for inputs {unknown}; the training loop provides "
+            f"only {list(SUPPORTED_INPUTS)}."
+        )
+    return needs
+
+
+def _gather_tokens(
+    patch_tokens: Sequence[torch.Tensor],
+    rows: torch.Tensor,
+    views: torch.Tensor,
+    device: torch.device,
+) -> torch.Tensor:
+    """float32 patch tokens (B, P, Dp) of image ``rows[i]`` in view ``views[i]``, on ``device``."""
+    first = patch_tokens[0]
+    out = torch.empty((len(rows), *first.shape[1:]), dtype=torch.float32)
+    for view in views.unique().tolist():
+        chosen = views == view
+        out[chosen] = patch_tokens[view][rows[chosen]].float()
+    if device.type == "cuda":
+        return out.pin_memory().to(device, non_blocking=True)
+    return out
+
+
 def train_local(
     learner: Learner,
     features: torch.Tensor,
     labels: torch.Tensor,
     train_cfg: Mapping[str, Any],
     seed: int,
+    *,
+    patch_tokens: Sequence[torch.Tensor] | None = None,
 ) -> TrainStats:
     """Run ``train.local_epochs`` epochs of mini-batch training; returns the mean training loss.
 
-    The optimizer is created afresh each round, as a site receives a new global prompt each round.
+    Each epoch visits the images in a seeded random order and, where several augmented views
+    are cached, feeds one seeded random view per image as ``image_features``; the extras the
+    learner lists in ``required_inputs`` are passed to its ``loss`` as keyword arguments. The
+    site's features move to the learner's device once, not per step. The optimizer is created
+    afresh each round, as a site receives a new global prompt each round.
+
+    Args:
+        learner: The learner to train.
+        features: Cached L2-normalised features, (N, D) for one view or (N, V, D) for V views.
+        labels: Labels (N,).
+        train_cfg: The ``train`` config section (optimizer, lr, batch size, epochs).
+        seed: Seed of the batch order and view choice.
+        patch_tokens: Per view, patch tokens (N, P, Dp) (any float dtype, on the CPU); needed
+            only by learners that list ``patch_tokens``.
+
+    Raises:
+        ValueError: No training images, or an input the learner needs is missing.
+        FloatingPointError: The loss became NaN or infinite.
     """
     start = time.perf_counter()
     if len(labels) == 0:
         raise ValueError("This site has no training images; check the partition and train.shots.")
+    cached = features if features.dim() == 3 else features.unsqueeze(1)
+    count, num_views = cached.shape[0], cached.shape[1]
+    needs = required_inputs(learner)
+    if "patch_tokens" in needs and patch_tokens is None:
+        raise ValueError(
+            f"{type(learner).__name__} needs patch tokens but none were cached for this site."
+        )
+    if patch_tokens is not None and len(patch_tokens) != num_views:
+        raise ValueError(f"Got patch tokens for {len(patch_tokens)} views but {num_views} views.")
     optimizer = make_optimizer(learner, train_cfg)
     batch_size = int(train_cfg["batch_size"])
     generator = torch.Generator().manual_seed(seed)
     device = learner.backbone.device
+    cached = cached.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
     learner.train()
-    total_loss, steps = 0.0, 0
+    losses: list[torch.Tensor] = []
+    total = 0.0
     for _ in range(int(train_cfg["local_epochs"])):
-        order = torch.randperm(len(labels), generator=generator)
-        for begin in range(0, len(order), batch_size):
-            batch = order[begin : begin + batch_size]
-            loss = learner.loss(features[batch].to(device), labels[batch].to(device))
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"The training loss became {loss.item()} at step {steps}; lower train.lr."
+        order = torch.randperm(count, generator=generator)
+        if num_views > 1:
+            chosen = torch.randint(num_views, (count,), generator=generator)
+        else:
+            chosen = torch.zeros(count, dtype=torch.long)
+        order_on_device = order.to(device, non_blocking=True)
+        chosen_on_device = chosen.to(device, non_blocking=True)
+        first_step = len(losses)
+        for begin in range(0, count, batch_size):
+            rows = order_on_device[begin : begin + batch_size]
+            extras: dict[str, torch.Tensor] = {}
+            if "views" in needs:
+                extras["views"] = cached[rows]
+            if "patch_tokens" in needs and patch_tokens is not None:
+                cpu_rows = order[begin : begin + batch_size]
+                extras["patch_tokens"] = _gather_tokens(
+                    patch_tokens, cpu_rows, chosen[cpu_rows], device
                 )
+            loss = learner.loss(cached[rows, chosen_on_device[rows]], labels[rows], **extras)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += loss.item()
-            steps += 1
+            losses.append(loss.detach())
+        # One device sync per epoch instead of one per step.
+        epoch = torch.stack(losses[first_step:]).cpu()
+        finite = torch.isfinite(epoch)
+        if not finite.all():
+            step = first_step + int((~finite).nonzero()[0])
+            raise FloatingPointError(
+                f"The training loss became {epoch[step - first_step].item()} at step {step}; "
+                "lower train.lr."
+            )
+        total += sum(epoch.tolist())
     learner.eval()
+    steps = len(losses)
     return TrainStats(
-        loss=total_loss / max(steps, 1),
-        num_examples=len(labels),
+        loss=total / max(steps, 1),
+        num_examples=count,
         steps=steps,
         seconds=time.perf_counter() - start,
     )
@@ -88,7 +176,9 @@ def predict(learner: Learner, features: torch.Tensor, batch_size: int = 1024) ->
     learner.eval()
     device = learner.backbone.device
     predictions = [
-        learner(features[begin : begin + batch_size].to(device)).argmax(dim=1).cpu()
+        learner(features[begin : begin + batch_size].to(device, non_blocking=True))
+        .argmax(dim=1)
+        .cpu()
         for begin in range(0, len(features), batch_size)
     ]
     return torch.cat(predictions).numpy() if predictions else np.empty(0, dtype=np.int64)

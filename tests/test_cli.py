@@ -1,8 +1,12 @@
 import pytest
 import yaml
+from sites_on_disk import corrupt_one_image, write_site
 
 from fedprompt.backbones import default_cache_dir, load_backbone
 from fedprompt.cli import main
+from fedprompt.config import compose_config
+from fedprompt.federation.checkpoint import CHECKPOINT_NAME
+from fedprompt.results import ResultsFolder
 
 
 def test_config_command_prints_the_composed_config(capsys):
@@ -49,3 +53,66 @@ def test_save_local_rehomes_a_local_copy(tmp_path, capsys):
     assert "backbone=local_dir" in capsys.readouterr().out
     copy = load_backbone(f"local-dir:{tmp_path / 'copy'}")
     assert copy.embed_dim == load_backbone("miniature").embed_dim
+
+
+def test_site_check_prints_counts_and_exits_zero_for_a_good_site(tmp_path, capsys):
+    config = write_site(tmp_path, "hospital-a")
+    assert main(["site", "check", str(config), "--experiment", "quickstart"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Site hospital-a: 4 classes") and "this site can join" in out
+
+
+def test_site_check_lists_the_problems_and_exits_one(tmp_path, capsys):
+    config = write_site(tmp_path, "hospital-x")
+    bad = corrupt_one_image(config)
+    assert main(["site", "check", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "1 problem(s)" in out and str(bad) in out
+
+
+def test_site_check_of_a_missing_config_is_one_sentence(tmp_path, capsys):
+    assert main(["site", "check", str(tmp_path / "site.yaml")]) == 2
+    assert "site.example.yaml" in capsys.readouterr().err
+
+
+def test_simulate_resume_without_a_checkpoint_stops_before_flower_starts(tmp_path, capsys):
+    assert main(["simulate", "quickstart", f"resume={tmp_path}"]) == 2
+    assert "not a fedprompt results folder" in capsys.readouterr().err
+    ResultsFolder(tmp_path).write_config(compose_config("quickstart"))
+    code = main(["simulate", "quickstart", f"resume={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no round of a run completed there" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def _stopped_run(folder):
+    """A results folder as a quickstart run leaves it after round 1."""
+    results = ResultsFolder(folder)
+    results.write_config(compose_config("quickstart", [f"output_dir={folder}"]))
+    checkpoint = {"format": 1, "round": 1, "global_state": {}, "strategy_state": {}}
+    results.save_torch(CHECKPOINT_NAME, checkpoint | {"random_state": {}, "initial": None})
+
+
+def test_simulate_resume_with_other_settings_stops_before_flower_starts(tmp_path, capsys):
+    _stopped_run(tmp_path)
+    assert main(["simulate", "quickstart", f"resume={tmp_path}", "train.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "must keep the settings it started with (train.lr was 0.1, now 0.5)" in err
+
+
+def test_simulate_resume_writes_on_into_the_resumed_folder(tmp_path, monkeypatch):
+    from fedprompt.federation import local_simulation
+
+    _stopped_run(tmp_path / "run")
+    seen = {}
+
+    def fake_simulate(experiment, overrides, cfg):
+        seen.update(overrides=overrides, cfg=cfg)
+        return 1
+
+    monkeypatch.setattr(local_simulation, "simulate", fake_simulate)
+    monkeypatch.chdir(tmp_path)
+    main(["simulate", "quickstart", "resume=run", "federation.rounds=3"])
+    folder = str(tmp_path / "run")
+    assert seen["cfg"].resume == folder and seen["cfg"].output_dir == folder
+    assert seen["overrides"][-2:] == [f"resume={folder}", f"output_dir={folder}"]

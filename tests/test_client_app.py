@@ -1,3 +1,6 @@
+import json
+import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -12,9 +15,12 @@ from flwr.app import (
     Metadata,
     RecordDict,
 )
+from sites_on_disk import corrupt_one_image, write_site
 
 from fedprompt.config import compose_config
 from fedprompt.federation import client_app
+from fedprompt.federation.inprocess_grid import InProcessGrid
+from fedprompt.federation.orchestration import run_federation
 from fedprompt.federation.run_config import default_run_config
 from fedprompt.site_rounds import backbone_for, build_learner, splits_and_plan
 
@@ -88,3 +94,122 @@ def test_wrong_number_of_nodes_is_reported(context, global_state):
     )
     with pytest.raises(ValueError, match="num-supernodes=3"):
         client_app.app(_message(content, MessageType.EVALUATE), context)
+
+
+# Deployment: a node's site is its own data folder, named by --node-config site-config=...
+
+DEPLOYED = default_run_config("quickstart") | {"overrides": "federation.mode=deployment"}
+
+
+def _deployed_context(config, node_id=21):
+    return Context(
+        run_id=7,
+        node_id=node_id,
+        node_config={"site-config": str(config)},
+        state=RecordDict(),
+        run_config=DEPLOYED,
+    )
+
+
+def _train(context, global_state, **config):
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(global_state),
+            "config": ConfigRecord({"server-round": 1, **config}),
+        }
+    )
+    return client_app.app(_message(content, MessageType.TRAIN), context)
+
+
+def test_a_deployed_site_trains_on_its_own_folder_and_logs_what_it_sent(tmp_path, global_state):
+    config = write_site(tmp_path, "hospital-a", train=3, test=2)
+    reply = _train(_deployed_context(config), global_state)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = dict(reply.content["metrics"])
+    assert metrics["num-examples"] == 12 and "site-index" not in metrics
+    releases = json.loads((config.parent / "state/releases.json").read_text())
+    assert releases["releases"] == [{"run_id": 7, "round": 1, "num_examples": 12}]
+    content = RecordDict(
+        {"arrays": ArrayRecord(global_state), "config": ConfigRecord({"server-round": 1})}
+    )
+    evaluated = client_app.app(_message(content, MessageType.EVALUATE), _deployed_context(config))
+    assert dict(evaluated.content["metrics"])["num-examples"] == 8  # every test image
+
+
+def test_a_site_with_another_class_list_is_refused_with_the_reason(tmp_path, global_state):
+    config = write_site(tmp_path, "hospital-a", classnames=["tumour", "normal", "other", "none"])
+    reply = _train(_deployed_context(config), global_state)
+    assert reply.has_error()
+    assert reply.error.reason.startswith("[hospital-a] Site hospital-a lists the classes")
+
+
+def test_a_corrupt_image_is_reported_without_its_file_name(tmp_path, global_state, caplog):
+    config = write_site(tmp_path, "hospital-x")  # only ever used with a corrupt image
+    bad = corrupt_one_image(config)
+    with caplog.at_level(logging.ERROR):
+        reply = _train(_deployed_context(config), global_state)
+    assert reply.has_error()
+    assert reply.error.reason.startswith("[hospital-x] CorruptImageError: the site's data")
+    assert str(bad) not in reply.error.reason and bad.name not in reply.error.reason
+    assert str(bad) in caplog.text  # the full sentence stays in the site's own log
+
+
+def test_a_deployed_node_without_a_site_config_says_how_to_start_it(global_state):
+    context = Context(run_id=7, node_id=21, node_config={}, state=RecordDict(), run_config=DEPLOYED)
+    reply = _train(context, global_state)
+    assert "start-supernode.sh" in reply.error.reason
+
+
+def test_fedprox_keeps_the_site_closer_to_the_global_prompt(context, global_state):
+    def distance(reply):
+        state = reply.content["arrays"].to_torch_state_dict()
+        return sum(float(((state[k] - global_state[k]) ** 2).sum()) for k in state)
+
+    plain = _train(context, global_state)
+    proximal = _train(context, global_state, **{"proximal-mu": 50.0})
+    assert not proximal.has_error(), proximal.error.reason if proximal.has_error() else ""
+    assert 0 < distance(proximal) < distance(plain)
+
+
+def test_sites_with_bad_data_drop_out_and_the_federation_continues(tmp_path):
+    good = [
+        write_site(tmp_path, name, seed=i) for i, name in enumerate(["hospital-a", "hospital-b"])
+    ]
+    corrupt = write_site(tmp_path, "hospital-x", seed=2)
+    corrupt_one_image(corrupt)
+    stray_label = write_site(tmp_path, "hospital-y", seed=3)
+    (stray_label.parent / "images/train/astrocytoma").mkdir()
+    shutil.copy(
+        corrupt.parent / "images/test/normal_brain/0.png",
+        stray_label.parent / "images/train/astrocytoma",
+    )
+    empty_split = write_site(tmp_path, "hospital-z", seed=4)
+    for image in (empty_split.parent / "images/test").rglob("*.png"):
+        image.unlink()
+    configs = [*good, corrupt, stray_label, empty_split]
+    overrides = [
+        "federation.mode=deployment",
+        "federation.num_sites=5",
+        "federation.rounds=2",
+        "train.local_epochs=1",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    names = [c.parent.name for c in configs]
+    grid = InProcessGrid(
+        [{"site-config": str(c)} for c in configs],
+        default_run_config("quickstart") | {"overrides": " ".join(overrides)},
+        names=names,
+    )
+    summary = run_federation(grid, compose_config("quickstart", overrides))
+
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2]
+    for line in lines:
+        assert line["num_trained"] == 2
+        assert sorted(line["missing"]) == ["hospital-x", "hospital-y", "hospital-z"]
+        assert "CorruptImageError" in line["missing"]["hospital-x"]
+        assert "DataError" in line["missing"]["hospital-y"]
+        assert "DatasetNotFoundError" in line["missing"]["hospital-z"]
+        assert line["sites"]["hospital-a"]["train_loss"] > 0
+    assert summary["mode"] == "deployment" and summary["final"]["source"] == "federated"
+    assert set(summary["final"]["per_site"]) == {"hospital-a", "hospital-b", "hospital-x"}

@@ -25,7 +25,7 @@ def test_coop_is_registered(miniature_backbone):
 
 def test_unknown_learner_lists_the_known_ones(miniature_backbone):
     with pytest.raises(ValueError, match=r"unknown learner 'cocoop'.*coop"):
-        create_learner("cocoop", miniature_backbone, CLASSES)
+        create_learner("maple", miniature_backbone, CLASSES)
 
 
 def test_unknown_hyperparameter_is_an_error(miniature_backbone):

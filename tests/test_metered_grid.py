@@ -11,9 +11,11 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 
-from fedprompt.federation.metered_grid import MeteredGrid, array_payload_bytes
+from fedprompt.federation.metered_grid import MeteredGrid, SiteDirectory, array_payload_bytes
 
 
 def _message(content: RecordDict, node_id: int, message_type: str) -> Message:
@@ -45,10 +47,10 @@ class ReplyingGrid(Grid):
         raise NotImplementedError
 
     def get_node_ids(self):
-        return [1, 2, 3]
+        raise NotImplementedError  # the metered grid asks get_nodes, which carries names
 
     def get_nodes(self):
-        raise NotImplementedError
+        return [NodeInfo(node_id=n, name="hospital-a" if n == 1 else "") for n in (1, 2, 3)]
 
     def push_messages(self, messages):
         raise NotImplementedError
@@ -88,11 +90,74 @@ def test_payload_bytes_count_tensor_elements():
 def test_metered_grid_records_bytes_metrics_and_errors_per_node():
     grid = MeteredGrid(ReplyingGrid())
     _round(grid)
-    traffic = grid.take_round()
+    taken = grid.take_round()
+    traffic = taken.nodes
     assert sorted(traffic) == [1, 2, 3]
     assert traffic[1].bytes_down == 2 * 4 * 8 * 4  # the global prompt, sent for train and eval
     assert traffic[1].bytes_up == 2 * 8 * 4  # only the train reply carries tensors
     assert traffic[2].train["num-examples"] == 20 and traffic[2].evaluate["site-index"] == 1
     assert traffic[3].bytes_up == 0 and traffic[3].errors == ["site broke", "site broke"]
-    assert grid.take_round() == {}
+    assert traffic[2].complete and not traffic[3].complete
+    assert grid.take_round().nodes == {}
     assert list(grid.get_node_ids()) == [1, 2, 3]
+    assert grid.take_round().connected == {1, 2, 3}
+
+
+def test_sites_are_named_by_registration_partition_or_error():
+    grid = MeteredGrid(ReplyingGrid(), SiteDirectory(["site-0", "site-1"]))
+    list(grid.get_node_ids())
+    _round(grid)
+    # node 1: registered name wins over its site-index; node 2: site-index 1; node 3: unknown
+    assert [grid.sites.name(n) for n in (1, 2, 3)] == ["hospital-a", "site-1", "node-3"]
+    reply = Message(
+        Error(code=2, reason="[hospital-c] CorruptImageError: ..."),
+        reply_to=_message(RecordDict(), 3, MessageType.TRAIN),
+    )
+    grid.sites.learn_reply(3, reply)
+    assert grid.sites.name(3) == "hospital-c"
+
+
+class SilentGrid(ReplyingGrid):
+    """Node 12 went silent and the SuperLink answers for it; node 13 never answers at all."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node == 12:
+                metadata = Metadata(
+                    run_id=1,
+                    message_id="",
+                    src_node_id=SUPERLINK_NODE_ID,
+                    dst_node_id=SUPERLINK_NODE_ID,
+                    reply_to_message_id=msg.metadata.message_id,
+                    group_id="1",
+                    created_at=time.time(),
+                    ttl=3600.0,
+                    message_type=msg.metadata.message_type,
+                )
+                error = Error(code=3, reason="Error: Node Unavailable")
+                replies.append(Message(error=error, metadata=metadata))
+            elif node == 11:
+                metrics = MetricRecord({"num-examples": 10})
+                replies.append(Message(RecordDict({"metrics": metrics}), reply_to=msg))
+        return replies
+
+
+def test_a_silent_site_is_recorded_against_its_own_node():
+    grid = MeteredGrid(SilentGrid())
+    content = RecordDict({"config": ConfigRecord({"server-round": 1})})
+    grid.send_and_receive(
+        [_message(content, node, MessageType.EVALUATE) for node in (11, 12, 13)], timeout=30
+    )
+    traffic = grid.take_round().nodes
+    assert sorted(traffic) == [11, 12, 13]  # nothing filed under the SuperLink's own id
+    assert traffic[12].errors == ["Error: Node Unavailable"]
+    assert traffic[13].errors == ["no reply to the evaluation request within 30 s"]
+    assert traffic[11].complete and not traffic[12].complete and not traffic[13].complete
+
+
+def test_rejections_are_recorded():
+    grid = MeteredGrid(ReplyingGrid())
+    grid.record_rejection(2, MessageType.TRAIN, "tensor 'ctx' holds NaN or Inf")
+    assert grid.take_round().nodes[2].rejected == ["update rejected: tensor 'ctx' holds NaN or Inf"]

@@ -26,3 +26,27 @@ def test_a_finished_run_is_never_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="output_dir"):
         ResultsFolder(tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text()) == {"done": True}
+
+
+def test_a_resumed_folder_keeps_its_lines_and_drops_the_finished_summary(tmp_path):
+    results = ResultsFolder(tmp_path)
+    for r in (1, 2, 3):
+        results.append_metrics({"round": r})
+    results.write_json("summary.json", {"done": True})
+    again = ResultsFolder(tmp_path, resume=True)
+    assert [line["round"] for line in again.read_metrics()] == [1, 2, 3]
+    assert not (tmp_path / "summary.json").exists()
+    assert [line["round"] for line in again.keep_metrics_through(2)] == [1, 2]
+    assert [line["round"] for line in again.read_metrics()] == [1, 2]
+
+
+def test_resuming_a_missing_folder_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        ResultsFolder(tmp_path / "nope", resume=True)
+
+
+def test_save_torch_writes_any_mapping_atomically(tmp_path):
+    ResultsFolder(tmp_path).save_torch("checkpoint.pt", {"round": 3, "x": torch.zeros(2)})
+    loaded = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert loaded["round"] == 3 and torch.equal(loaded["x"], torch.zeros(2))
+    assert not list(tmp_path.glob(".*tmp"))

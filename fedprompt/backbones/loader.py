@@ -16,11 +16,12 @@ then run with ``backbone=local_dir backbone.path=/abs/dir``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -72,16 +73,47 @@ class Backbone:
         """The same object: a backbone is a per-process singleton that copied learners share."""
         return self
 
+    @contextlib.contextmanager
+    def _frozen_forward(self) -> Iterator[None]:
+        """No autograd, and bf16 autocast on CUDA: the frozen towers need neither grads nor fp32."""
+        on_gpu = self.device.type == "cuda"
+        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=on_gpu):
+            yield
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 image features (B, D); cacheable, as the image tower is frozen."""
-        with torch.no_grad():
-            features = self.model.encode_image(pixels.to(self.device))
+        with self._frozen_forward():
+            features = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         return F.normalize(features.float(), dim=-1)
+
+    def encode_image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features (B, D) as ``encode_images`` gives them, and patch tokens (B, P, D).
+
+        The patch tokens are the trunk's final spatial tokens (``forward_features``, prefix tokens
+        dropped) passed through the tower's own projection head, so that they live in the joint
+        image-text space and can be compared with text features; they are not L2-normalised.
+        Only timm ViT towers (BiomedCLIP's kind) expose them.
+
+        Raises:
+            ValueError: The image tower is not an open_clip ``TimmModel`` over a timm ViT.
+        """
+        visual = self.model.visual
+        trunk = getattr(visual, "trunk", None)
+        if not (hasattr(trunk, "forward_features") and hasattr(trunk, "num_prefix_tokens")):
+            raise ValueError(
+                f"{self.spec}'s image tower ({type(visual).__name__}) exposes no patch tokens; "
+                "methods that need them run on timm ViT towers (biomedclip, miniature)."
+            )
+        with self._frozen_forward():
+            tokens = trunk.forward_features(pixels.to(self.device, non_blocking=True))
+            pooled = visual.head(trunk.forward_head(tokens))
+            patches = visual.head(tokens[:, trunk.num_prefix_tokens :])
+        return F.normalize(pooled.float(), dim=-1), patches.float()
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 text features (N, D) of tokenized prompts."""
-        with torch.no_grad():
-            features = self.model.encode_text(tokens.to(self.device))
+        with self._frozen_forward():
+            features = self.model.encode_text(tokens.to(self.device, non_blocking=True))
         return F.normalize(features.float(), dim=-1)
 
     def logit_scale(self) -> float:

@@ -1,16 +1,28 @@
-"""The Flower ClientApp: one hospital's side of a round, a thin shell over ``site_rounds``."""
+"""The Flower ClientApp: one hospital's side of a round, a thin shell over ``local_site``."""
 
 from __future__ import annotations
 
 import logging
+from logging import ERROR
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from omegaconf import DictConfig
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 
+from fedprompt.backbones import BackboneUnavailableError
+from fedprompt.config import ConfigError
+from fedprompt.data.site_check import SiteConfigError
+from fedprompt.federation.local_site import (
+    NodeSite,
+    evaluate_site,
+    open_node_site,
+    site_label,
+    train_site,
+)
 from fedprompt.federation.run_config import config_from_run_config
-from fedprompt.site_rounds import evaluate_round, train_round
+from fedprompt.user_errors import USER_ERRORS
 
 # Flower prints through its own handler. Without a handler on the root logger, the first library
 # call of logging.warning() (open_clip does this) installs a console handler there, and every
@@ -19,41 +31,66 @@ logging.getLogger().addHandler(logging.NullHandler())
 
 app = ClientApp()
 
-
-def _site_index(context: Context, cfg: DictConfig) -> int:
-    """This node's site: its ``partition-id`` in simulation, checked against the config."""
-    if "partition-id" not in context.node_config:
-        raise ValueError(
-            "This node has no partition-id in its node config; start it with "
-            "--node-config 'partition-id=<k> num-partitions=<n>'."
-        )
-    num_partitions = int(context.node_config.get("num-partitions", cfg.federation.num_sites))
-    if num_partitions != int(cfg.federation.num_sites):
-        raise ValueError(
-            f"The federation has {num_partitions} nodes but federation.num_sites is "
-            f"{cfg.federation.num_sites}; set them equal "
-            f"(--federation-config num-supernodes={cfg.federation.num_sites})."
-        )
-    return int(context.node_config["partition-id"])
+# Errors about configuration rather than images: their sentence is safe to send to the server.
+SHAREABLE_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    SiteConfigError,
+    BackboneUnavailableError,
+)
 
 
-def _setup(context: Context) -> tuple[DictConfig, int]:
+def _open(context: Context) -> NodeSite:
     cfg = config_from_run_config(context.run_config)
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
-    return cfg, _site_index(context, cfg)
+    return open_node_site(cfg, context.node_config)
+
+
+def _identity(site: NodeSite) -> dict[str, int]:
+    """The simulated site's partition index, by which the server names it (deployment: none)."""
+    return {} if site.deployed else {"site-index": site.index}
+
+
+def refusal(msg: Message, context: Context, err: Exception) -> Message:
+    """An error reply that names the site, so the server can record who dropped out and why.
+
+    The reason starts with the site's name in brackets (``[hospital-b] ...``); the server reads
+    it back for a site that never delivered a result. A problem with the site's images is
+    described by its kind only: file and folder names can carry patient identifiers, so the
+    full sentence goes to the site's own log and never leaves the site.
+    """
+    name = site_label(context.node_config)
+    log(ERROR, "[fedprompt] site %s cannot take part in this round: %s", name, err)
+    if isinstance(err, SHAREABLE_ERRORS):
+        reason = f"[{name}] {err}"
+    else:
+        reason = (
+            f"[{name}] {type(err).__name__}: the site's data cannot be used; the site's "
+            "SuperNode log says which file and what to do."
+        )
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global prompt on this site's images and send back its tensors only."""
-    cfg, site = _setup(context)
-    global_state = msg.content["arrays"].to_torch_state_dict()
-    server_round = int(msg.content["config"]["server-round"])
-    state, stats = train_round(cfg, site, global_state, server_round)
+    try:
+        site = _open(context)
+        config = msg.content["config"]
+        server_round = int(config["server-round"])
+        state, stats = train_site(
+            site,
+            msg.content["arrays"].to_torch_state_dict(),
+            server_round,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+        )
+    except USER_ERRORS as err:
+        return refusal(msg, context, err)
+    if site.releases is not None:
+        site.releases.record(context.run_id, server_round, stats.num_examples)
     metrics = MetricRecord(
         {
             "num-examples": stats.num_examples,
-            "site-index": site,
+            **_identity(site),
             "train-loss": stats.loss,
             "train-steps": stats.steps,
             "train-seconds": stats.seconds,
@@ -66,12 +103,15 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global prompt on this site's own test images."""
-    cfg, site = _setup(context)
-    result = evaluate_round(cfg, site, msg.content["arrays"].to_torch_state_dict())
+    try:
+        site = _open(context)
+        result = evaluate_site(site, msg.content["arrays"].to_torch_state_dict())
+    except USER_ERRORS as err:
+        return refusal(msg, context, err)
     metrics = MetricRecord(
         {
             "num-examples": result.num_test,
-            "site-index": site,
+            **_identity(site),
             "accuracy": result.accuracy,
             "balanced-accuracy": result.balanced_accuracy,
             "macro-f1": result.macro_f1,

@@ -1,11 +1,12 @@
-"""A Grid that meters every message: tensor bytes each way and what each site reports.
+"""A Grid that meters every message: tensor bytes each way, what each site reports, who is missing.
 
 Wrapping the Grid rather than a strategy keeps the accounting the same for every strategy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +14,9 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+# fedprompt sites start an error reason with their name: "[hospital-b] Image file ...".
+_NAMED_REASON = re.compile(r"^\[([^\]]+)\] ")
 
 
 def array_payload_bytes(content: RecordDict) -> int:
@@ -24,6 +28,46 @@ def array_payload_bytes(content: RecordDict) -> int:
     )
 
 
+class SiteDirectory:
+    """The name of the site behind each node id, for logs and each round's metrics line.
+
+    In deployment a node's name is the one the coordinating centre registered its key under
+    (``flwr supernode register --name``). In simulation it is the partition's site name, learnt
+    from the ``site-index`` a site reports. A site that never delivered a result is named by
+    its error reply, which fedprompt sites begin with their name in brackets.
+    """
+
+    def __init__(self, site_names: Sequence[str] = ()) -> None:
+        self.site_names = list(site_names)
+        self._names: dict[int, str] = {}
+        self._registered: set[int] = set()
+
+    def learn_nodes(self, nodes: Iterable[NodeInfo]) -> None:
+        """Registration names, which take precedence over what a site says of itself."""
+        for node in nodes:
+            if node.name:
+                self._names[node.node_id] = node.name
+                self._registered.add(node.node_id)
+
+    def learn_reply(self, node_id: int, reply: Message) -> None:
+        """The partition index a simulated site reports, or the name its error begins with."""
+        if node_id in self._registered:
+            return
+        if reply.has_error():
+            match = _NAMED_REASON.match(reply.error.reason)
+            if match and node_id not in self._names:
+                self._names[node_id] = match.group(1)
+            return
+        for record in reply.content.metric_records.values():
+            index = record.get("site-index")
+            if isinstance(index, int) and 0 <= index < len(self.site_names):
+                self._names[node_id] = self.site_names[index]
+
+    def name(self, node_id: int) -> str:
+        """The site's name, or ``node-<id>`` while it is unknown."""
+        return self._names.get(node_id, f"node-{node_id}")
+
+
 @dataclass
 class SiteTraffic:
     """One site's messages in one round."""
@@ -33,14 +77,32 @@ class SiteTraffic:
     train: dict[str, float] = field(default_factory=dict)
     evaluate: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    instructed: list[str] = field(default_factory=list)
+    answered: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the site answered every instruction it was sent (a rejected answer counts)."""
+        return sorted(self.answered) == sorted(self.instructed)
+
+
+@dataclass
+class RoundTraffic:
+    """A round's traffic by node id, and which nodes were connected during it."""
+
+    nodes: dict[int, SiteTraffic]
+    connected: set[int]
 
 
 class MeteredGrid(Grid):
     """Delegates to Flower's Grid and records each round's traffic per node."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, sites: SiteDirectory | None = None) -> None:
         self._grid = grid
+        self.sites = sites if sites is not None else SiteDirectory()
         self._round: dict[int, SiteTraffic] = {}
+        self._connected: set[int] = set()
 
     def set_run(self, run: Run) -> None:
         """Delegated to the wrapped grid."""
@@ -63,12 +125,15 @@ class MeteredGrid(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        """Delegated to the wrapped grid."""
-        return self._grid.get_node_ids()
+        """The connected nodes (strategies sample from these), noted with their names."""
+        return [node.node_id for node in self.get_nodes()]
 
     def get_nodes(self) -> Iterable[NodeInfo]:
-        """Delegated to the wrapped grid."""
-        return self._grid.get_nodes()
+        """Delegated to the wrapped grid; learns registration names and who is connected."""
+        nodes = list(self._grid.get_nodes())
+        self.sites.learn_nodes(nodes)
+        self._connected.update(node.node_id for node in nodes)
+        return nodes
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Delegated to the wrapped grid (not metered: strategies use send_and_receive)."""
@@ -78,20 +143,34 @@ class MeteredGrid(Grid):
         """Delegated to the wrapped grid."""
         return self._grid.pull_messages(message_ids)
 
+    def _traffic(self, node_id: int) -> SiteTraffic:
+        return self._round.setdefault(node_id, SiteTraffic())
+
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Send, wait for replies, and record both directions."""
+        """Send, wait for replies, and record both directions and every missing reply."""
         messages = list(messages)
         for message in messages:
-            traffic = self._round.setdefault(message.metadata.dst_node_id, SiteTraffic())
+            traffic = self._traffic(message.metadata.dst_node_id)
             traffic.bytes_down += array_payload_bytes(message.content)
+            traffic.instructed.append(message.metadata.message_type)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        # The grid has now given each message its id. The SuperLink answers for a node that
+        # went silent, from its own node id, so replies are matched to where the message went.
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered: set[tuple[int, str]] = set()
         for reply in replies:
-            traffic = self._round.setdefault(reply.metadata.src_node_id, SiteTraffic())
+            node_id = destination.get(
+                reply.metadata.reply_to_message_id, reply.metadata.src_node_id
+            )
+            self.sites.learn_reply(node_id, reply)
+            traffic = self._traffic(node_id)
+            answered.add((node_id, reply.metadata.message_type))
             if reply.has_error():
                 traffic.errors.append(str(reply.error.reason))
                 continue
+            traffic.answered.append(reply.metadata.message_type)
             traffic.bytes_up += array_payload_bytes(reply.content)
             metrics = {
                 key: value
@@ -103,9 +182,21 @@ class MeteredGrid(Grid):
                 traffic.train.update(metrics)
             else:
                 traffic.evaluate.update(metrics)
+        waited = f" within {timeout:.0f} s" if timeout is not None else ""
+        for message in messages:
+            key = (message.metadata.dst_node_id, message.metadata.message_type)
+            if key not in answered:
+                kind = "training" if key[1] == MessageType.TRAIN else "evaluation"
+                self._traffic(key[0]).errors.append(f"no reply to the {kind} request{waited}")
         return replies
 
-    def take_round(self) -> dict[int, SiteTraffic]:
-        """This round's traffic by node id; starts the next round's record."""
-        taken, self._round = self._round, {}
+    def record_rejection(self, node_id: int, message_type: str, reason: str) -> None:
+        """Note that validation refused this node's reply (see ``UpdateValidation``)."""
+        kind = "update" if message_type == MessageType.TRAIN else "evaluation"
+        self._traffic(node_id).rejected.append(f"{kind} rejected: {reason}")
+
+    def take_round(self) -> RoundTraffic:
+        """This round's traffic by node id and the nodes seen connected; starts the next round."""
+        taken = RoundTraffic(self._round, self._connected)
+        self._round, self._connected = {}, set()
         return taken

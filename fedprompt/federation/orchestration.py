@@ -1,45 +1,94 @@
-"""The server's side of a run: set up the results folder, the strategy and central evaluation."""
+"""The server's side of a run: results folder, strategy, validation, central evaluation, resume.
+
+Two modes (``federation.mode``). In simulation the server knows the dataset and its partition:
+it writes ``partitions.json``, names sites after their shards and can score the global prompt on
+the whole test split. In deployment every site's images stay at the site: the server knows only
+the class list, names sites as the coordinating centre registered them, and carries on when a
+site drops out.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
-from omegaconf import DictConfig
+from flwr.serverapp.strategy import Strategy
+from omegaconf import DictConfig, OmegaConf
 
+from fedprompt.config import ConfigError
 from fedprompt.data.features import PROCESS_FEATURE_CACHE
 from fedprompt.data.sites import plan_report
 from fedprompt.evaluation.metrics import ClassificationMetrics
-from fedprompt.federation.metered_grid import MeteredGrid
-from fedprompt.federation.run_monitor import RunMonitor
+from fedprompt.federation.checkpoint import (
+    Checkpoint,
+    RoundOffset,
+    load_strategy_state,
+    restore_random_state,
+    resumable_checkpoint,
+)
+from fedprompt.federation.metered_grid import MeteredGrid, SiteDirectory
+from fedprompt.federation.run_monitor import CentralEvaluation, RunMonitor
+from fedprompt.federation.strategies import build_strategy
+from fedprompt.federation.validation import UpdateValidation
+from fedprompt.learners import Learner
 from fedprompt.results import ResultsFolder
 from fedprompt.site_rounds import backbone_for, build_learner, splits_and_plan
 from fedprompt.training import evaluate
 
+MODES = ("simulation", "deployment")
+LearnerFactory = Callable[[list[str]], Learner]
+
 
 def output_dir_for(cfg: DictConfig) -> Path:
-    """``output_dir``, or ``runs/<experiment>-<date>-<time>`` under the current folder."""
+    """The folder being resumed, else ``output_dir``, else ``runs/<experiment>-<date>-<time>``."""
+    if cfg.get("resume"):
+        return Path(str(cfg.resume)).expanduser().resolve()
     if cfg.output_dir:
         return Path(str(cfg.output_dir)).expanduser().resolve()
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs", f"{cfg.experiment_name}-{stamp}").resolve()
 
 
-def wait_for_sites(grid: Grid, num_sites: int, timeout: float) -> None:
-    """Wait until one node per site has connected; stop with the fix when the count is wrong."""
+def wait_for_sites(grid: Grid, num_sites: int, timeout: float, min_sites: int | None = None) -> int:
+    """Wait for one node per site; return how many are connected.
+
+    Simulation (``min_sites`` None) needs exactly ``num_sites``. Deployment starts once all
+    sites are connected (more is fine: every connected site takes part), or at the timeout
+    with at least ``min_sites`` of them.
+
+    Raises:
+        RuntimeError: The count is wrong (simulation) or too low (deployment), with the fix.
+    """
     deadline = time.monotonic() + timeout
     while True:
         connected = len(list(grid.get_node_ids()))
-        if connected == num_sites:
-            return
-        if connected > num_sites or time.monotonic() > deadline:
+        if connected == num_sites or (min_sites is not None and connected > num_sites):
+            return connected
+        late = time.monotonic() > deadline
+        if min_sites is not None and late and connected >= min_sites:
+            log(
+                WARNING,
+                "[fedprompt] %d of %d sites are connected after %.0f s; starting without the "
+                "others (they join the rounds after they connect).",
+                connected,
+                num_sites,
+                timeout,
+            )
+            return connected
+        if min_sites is not None and late:
+            raise RuntimeError(
+                f"Only {connected} of the {num_sites} sites connected within {timeout:.0f} s, "
+                f"fewer than federation.min_sites={min_sites}; start the missing SuperNodes "
+                "(sites/README.md) or lower federation.min_sites."
+            )
+        if min_sites is None and (connected > num_sites or late):
             raise RuntimeError(
                 f"The run expects one SuperNode per site ({num_sites}) but {connected} are "
                 f'connected; in simulation pass --federation-config "num-supernodes={num_sites}" '
@@ -48,9 +97,9 @@ def wait_for_sites(grid: Grid, num_sites: int, timeout: float) -> None:
         time.sleep(1.0)
 
 
-def _final_metrics(monitor: RunMonitor) -> dict[str, Any]:
+def _final_metrics(lines: list[dict[str, Any]]) -> dict[str, Any]:
     """Central test metrics where measured, else the sites' test metrics weighted by size."""
-    last = monitor.lines[-1] if monitor.lines else None
+    last = lines[-1] if lines else None
     if last is None:
         raise RuntimeError("No round completed, so there are no final metrics to report.")
     per_site = {
@@ -74,18 +123,23 @@ def _final_metrics(monitor: RunMonitor) -> dict[str, Any]:
     return final
 
 
-def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
-    """Run ``federation.rounds`` rounds of FedAvg over the sites' prompts; return the summary."""
-    started = time.perf_counter()
-    results = ResultsFolder(output_dir_for(cfg))
-    log(INFO, "[fedprompt] results folder: %s", results.path)
-    results.write_config(cfg)
+def _open_results(cfg: DictConfig) -> tuple[ResultsFolder, Checkpoint | None]:
+    """A new results folder, or the resumed run's folder with its last checkpoint."""
+    if not cfg.get("resume"):
+        return ResultsFolder(output_dir_for(cfg)), None
+    folder = output_dir_for(cfg)
+    checkpoint = resumable_checkpoint(folder, cfg)
+    return ResultsFolder(folder, resume=True), checkpoint
+
+
+def _simulation_setup(
+    cfg: DictConfig, results: ResultsFolder, learner_for: LearnerFactory
+) -> tuple[Learner, SiteDirectory, CentralEvaluation | None]:
+    """The partitioned dataset's learner, site names and (optional) central evaluation."""
     backbone = backbone_for(cfg)
     splits, plan = splits_and_plan(cfg)
     results.write_json("partitions.json", plan_report(cfg, splits, plan))
-    learner = build_learner(cfg, backbone, list(splits.classnames))
-    initial_state = learner.trainable_state()
-
+    learner = learner_for(list(splits.classnames))
     central = None
     if cfg.evaluation.central:
         features, labels = PROCESS_FEATURE_CACHE.get(
@@ -96,23 +150,97 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
             learner.load_trainable_state(arrays.to_torch_state_dict())
             return evaluate(learner, features, labels, len(splits.classnames))
 
-    num_sites = int(cfg.federation.num_sites)
-    wait_for_sites(grid, num_sites, float(cfg.federation.connect_timeout))
-    metered = MeteredGrid(grid)
-    monitor = RunMonitor(results, metered, plan.site_names, int(cfg.federation.rounds), central)
-    strategy = FedAvg(
+    return learner, SiteDirectory(plan.site_names), central
+
+
+def _deployment_setup(
+    cfg: DictConfig, learner_for: LearnerFactory
+) -> tuple[Learner, SiteDirectory, None]:
+    """Only the class list is known at the server; the sites keep their images."""
+    if cfg.dataset.get("classnames") is None:
+        raise ConfigError(
+            "A deployed federation needs its class list at the server: set dataset.classnames "
+            "(or use a dataset config that lists them), and give the sites the same list."
+        )
+    if cfg.evaluation.central:
+        log(INFO, "[fedprompt] deployment: no central test split; sites evaluate on their own.")
+    return learner_for(list(cfg.dataset.classnames)), SiteDirectory(), None
+
+
+def _strategy(
+    cfg: DictConfig, reference: ArrayRecord, grid: MeteredGrid, min_available: int
+) -> Strategy:
+    aggregator = build_strategy(
+        OmegaConf.to_container(cfg.strategy, resolve=True),  # type: ignore[arg-type]
         fraction_train=float(cfg.federation.fraction_train),
         fraction_evaluate=float(cfg.federation.fraction_evaluate),
-        min_train_nodes=int(cfg.federation.min_sites),
-        min_evaluate_nodes=int(cfg.federation.min_sites),
-        min_available_nodes=num_sites,
+        min_nodes=int(cfg.federation.min_sites),
+        min_available_nodes=min_available,
     )
-    strategy.start(
-        grid=metered,
-        initial_arrays=ArrayRecord(initial_state),
-        num_rounds=int(cfg.federation.rounds),
-        evaluate_fn=monitor,
+    return UpdateValidation(
+        aggregator,
+        reference,
+        max_update_ratio=float(cfg.federation.max_update_ratio),
+        site_name=grid.sites.name,
+        on_reject=grid.record_rejection,
     )
+
+
+def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
+    """Run (or continue) ``federation.rounds`` rounds over the sites' prompts; return a summary."""
+    started = time.perf_counter()
+    mode = str(cfg.federation.mode)
+    if mode not in MODES:
+        raise ConfigError(f"federation.mode is {mode!r}; use simulation or deployment.")
+    results, checkpoint = _open_results(cfg)
+    log(INFO, "[fedprompt] results folder: %s", results.path)
+    results.write_config(cfg)
+    backbone = backbone_for(cfg)
+
+    def learner_for(classnames: list[str]) -> Learner:
+        return build_learner(cfg, backbone, classnames)
+
+    if mode == "simulation":
+        learner, sites, central = _simulation_setup(cfg, results, learner_for)
+    else:
+        learner, sites, central = _deployment_setup(cfg, learner_for)
+    initial_state = learner.trainable_state()
+    reference = ArrayRecord(initial_state)
+
+    num_sites = int(cfg.federation.num_sites)
+    min_sites = int(cfg.federation.min_sites)
+    connect_timeout = float(cfg.federation.connect_timeout)
+    metered = MeteredGrid(grid, sites)
+    if mode == "simulation":
+        wait_for_sites(metered, num_sites, connect_timeout)
+        min_available = num_sites
+    else:
+        wait_for_sites(metered, num_sites, connect_timeout, min_sites=min_sites)
+        min_available = min_sites
+    strategy = _strategy(cfg, reference, metered, min_available)
+
+    rounds = int(cfg.federation.rounds)
+    done, lines, initial, arrays = 0, [], None, reference
+    if checkpoint is not None:
+        done = checkpoint.round
+        lines = results.keep_metrics_through(done)
+        initial = checkpoint.initial
+        arrays = ArrayRecord(checkpoint.global_state)
+        load_strategy_state(strategy, checkpoint.strategy_state)
+        restore_random_state(checkpoint.random_state)
+        log(INFO, "[fedprompt] resuming after round %d of %d", done, rounds)
+        strategy = RoundOffset(strategy, done)
+    monitor = RunMonitor(
+        results, metered, rounds, central, strategy, lines, round_offset=done, initial=initial
+    )
+    if rounds > done:
+        strategy.start(
+            grid=metered,
+            initial_arrays=arrays,
+            num_rounds=rounds - done,
+            timeout=float(cfg.federation.round_timeout),
+            evaluate_fn=monitor,
+        )
 
     payload = sum(t.numel() * t.element_size() for t in initial_state.values())
     lines = monitor.lines
@@ -121,10 +249,13 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         "method": str(cfg.method.name),
         "backbone": str(cfg.backbone.name),
         "dataset": str(cfg.dataset.name),
+        "mode": mode,
+        "strategy": str(cfg.strategy.name),
         "num_sites": num_sites,
-        "rounds": int(cfg.federation.rounds),
+        "rounds": rounds,
         "seed": int(cfg.seed),
-        "final": _final_metrics(monitor),
+        "resumed_after_round": done if checkpoint is not None else None,
+        "final": _final_metrics(lines),
         "initial": monitor.initial,
         "communication": {
             "trainable_parameters": learner.num_trainable(),

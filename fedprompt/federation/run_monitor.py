@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
+from flwr.serverapp.strategy import Strategy
 
 from fedprompt.evaluation.metrics import ClassificationMetrics
-from fedprompt.federation.metered_grid import MeteredGrid, SiteTraffic
+from fedprompt.federation.checkpoint import save_checkpoint
+from fedprompt.federation.metered_grid import MeteredGrid, RoundTraffic, SiteTraffic
 from fedprompt.results import ResultsFolder
 
 CentralEvaluation = Callable[[ArrayRecord], ClassificationMetrics]
@@ -24,16 +26,21 @@ def _weighted(values: Sequence[tuple[float, float]]) -> float | None:
 
 
 def _site_line(traffic: SiteTraffic) -> dict[str, Any]:
+    rejected_train = any(r.startswith("update") for r in traffic.rejected)
+    rejected_evaluate = any(r.startswith("evaluation") for r in traffic.rejected)
+    train = {} if rejected_train else traffic.train
+    evaluate = {} if rejected_evaluate else traffic.evaluate
     return {
-        "train_loss": traffic.train.get("train-loss"),
-        "num_train": traffic.train.get("num-examples"),
-        "accuracy": traffic.evaluate.get("accuracy"),
-        "balanced_accuracy": traffic.evaluate.get("balanced-accuracy"),
-        "macro_f1": traffic.evaluate.get("macro-f1"),
-        "num_test": traffic.evaluate.get("num-examples"),
+        "train_loss": train.get("train-loss"),
+        "num_train": train.get("num-examples"),
+        "accuracy": evaluate.get("accuracy"),
+        "balanced_accuracy": evaluate.get("balanced-accuracy"),
+        "macro_f1": evaluate.get("macro-f1"),
+        "num_test": evaluate.get("num-examples"),
         "bytes_up": traffic.bytes_up,
         "bytes_down": traffic.bytes_down,
         "errors": traffic.errors,
+        "rejected": traffic.rejected,
     }
 
 
@@ -42,73 +49,113 @@ def _kb(num_bytes: float) -> str:
 
 
 class RunMonitor:
-    """The strategy's ``evaluate_fn``: Flower calls it before round 1 and after every round."""
+    """The strategy's ``evaluate_fn``: Flower calls it before round 1 and after every round.
+
+    Args:
+        results: The run's results folder.
+        grid: The metered grid whose per-round traffic becomes the metrics line.
+        num_rounds: The run's last round, for progress lines.
+        central: Evaluation of the global prompt on a central test split, where there is one.
+        strategy: The strategy whose state goes into each round's checkpoint.
+        lines: The lines of rounds already run (a resumed run continues them).
+        round_offset: Rounds completed before this session started (a resumed run).
+        initial: Central metrics before round 1, as a resumed run's checkpoint kept them.
+    """
 
     def __init__(
         self,
         results: ResultsFolder,
         grid: MeteredGrid,
-        site_names: Sequence[str],
         num_rounds: int,
         central: CentralEvaluation | None,
+        strategy: Strategy,
+        lines: Sequence[dict[str, Any]] = (),
+        round_offset: int = 0,
+        initial: dict[str, Any] | None = None,
     ) -> None:
         self.results = results
         self.grid = grid
-        self.site_names = list(site_names)
         self.num_rounds = num_rounds
         self.central = central
-        self.initial: dict[str, Any] | None = None
-        self.lines: list[dict[str, Any]] = []
+        self.strategy = strategy
+        self.lines: list[dict[str, Any]] = list(lines)
+        self.round_offset = round_offset
+        self.initial = initial
+        self._known: set[int] = set()
         self._round_start = time.perf_counter()
-
-    def _name(self, node_id: int, traffic: SiteTraffic) -> str:
-        index = traffic.train.get("site-index", traffic.evaluate.get("site-index"))
-        return self.site_names[int(index)] if index is not None else f"node-{node_id}"
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Evaluate centrally, write the round's line, checkpoint, and print progress."""
-        central = self.central(arrays).as_dict() if self.central else None
         if server_round == 0:
-            self.initial = central
             self._round_start = time.perf_counter()
-            if central:
+            if self.round_offset:
+                return None
+            self.initial = self.central(arrays).as_dict() if self.central else None
+            if self.initial:
                 log(
                     INFO,
                     "[fedprompt] before training: central accuracy %.1f%%",
-                    100 * central["accuracy"],
+                    100 * self.initial["accuracy"],
                 )
-            return MetricRecord(central) if central else None
-        sites = {
-            self._name(node_id, traffic): _site_line(traffic)
-            for node_id, traffic in sorted(self.grid.take_round().items())
+            return MetricRecord(self.initial) if self.initial else None
+        run_round = server_round + self.round_offset
+        central = self.central(arrays).as_dict() if self.central else None
+        line = self._line(run_round, self.grid.take_round(), central)
+        self.results.append_metrics(line)
+        self.results.save_state(arrays.to_torch_state_dict())
+        save_checkpoint(self.results, run_round, arrays, self.strategy, self.initial)
+        self.lines.append(line)
+        self._log(line)
+        self._round_start = time.perf_counter()
+        return MetricRecord(central) if central else None
+
+    def _line(
+        self, run_round: int, traffic: RoundTraffic, central: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        name = self.grid.sites.name
+        sites = {name(node): _site_line(t) for node, t in traffic.nodes.items()}
+        missing = {
+            name(node): "; ".join(dict.fromkeys(t.errors))
+            for node, t in traffic.nodes.items()
+            if not t.complete
+        }
+        # A site seen in an earlier round that is neither connected nor asked now has gone.
+        for node in sorted(self._known - traffic.connected - set(traffic.nodes)):
+            missing[name(node)] = "not connected"
+        self._known |= traffic.connected | set(traffic.nodes)
+        rejected = {
+            name(node): "; ".join(t.rejected) for node, t in traffic.nodes.items() if t.rejected
         }
         evaluated = [s for s in sites.values() if s["accuracy"] is not None]
         trained = [s for s in sites.values() if s["train_loss"] is not None]
-        line = {
-            "round": server_round,
+        return {
+            "round": run_round,
             "seconds": time.perf_counter() - self._round_start,
             "train_loss": _weighted([(s["train_loss"], s["num_train"]) for s in trained]),
             "federated_accuracy": _weighted([(s["accuracy"], s["num_test"]) for s in evaluated]),
             "central": central,
             "bytes_up": sum(s["bytes_up"] for s in sites.values()),
             "bytes_down": sum(s["bytes_down"] for s in sites.values()),
+            "num_trained": len(trained),
+            "missing": dict(sorted(missing.items())),
+            "rejected": dict(sorted(rejected.items())),
             "sites": dict(sorted(sites.items())),
         }
-        self.results.append_metrics(line)
-        self.results.save_state(arrays.to_torch_state_dict())
-        self.lines.append(line)
-        self._log(line, len(trained))
-        self._round_start = time.perf_counter()
-        return MetricRecord(central) if central else None
 
-    def _log(self, line: dict[str, Any], num_trained: int) -> None:
+    def _log(self, line: dict[str, Any]) -> None:
         parts = [f"[fedprompt] round {line['round']}/{self.num_rounds}"]
         if line["train_loss"] is not None:
-            parts.append(f"train loss {line['train_loss']:.4f} ({num_trained} sites)")
+            parts.append(f"train loss {line['train_loss']:.4f} ({line['num_trained']} sites)")
         if line["federated_accuracy"] is not None:
             parts.append(f"federated acc {100 * line['federated_accuracy']:.1f}%")
         if line["central"]:
             parts.append(f"central acc {100 * line['central']['accuracy']:.1f}%")
         parts.append(f"{line['seconds']:.1f} s")
         parts.append(f"up {_kb(line['bytes_up'])} down {_kb(line['bytes_down'])}")
+        if line["missing"]:
+            parts.append(f"missing {', '.join(line['missing'])}")
+        if line["rejected"]:
+            parts.append(f"rejected {', '.join(line['rejected'])}")
         log(INFO, " | ".join(parts))
+        for site, reason in line["missing"].items():
+            log(WARNING, "[fedprompt] round %d: %s is missing: %s", line["round"], site, reason)

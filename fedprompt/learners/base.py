@@ -12,6 +12,11 @@ import torch.nn.functional as F
 
 from fedprompt.backbones import Backbone
 
+EXTRA_INPUTS: dict[str, str] = {
+    "views": "float (B, V, D): L2-normalised features of V cached augmented views of each image",
+    "patch_tokens": "float (B, P, D): patch tokens of the frozen ViT, projected to the joint space",
+}
+
 
 class Learner(torch.nn.Module, abc.ABC):
     """A prompt learner: classifies frozen image features with prompt-derived text features.
@@ -21,6 +26,25 @@ class Learner(torch.nn.Module, abc.ABC):
     model is shared by every site of a process and stays in eval mode. The training loop works on
     cached image features from ``Backbone.encode_images``, since the image tower never changes.
 
+    Class attributes a training loop, federation or privacy layer reads:
+
+    - ``required_inputs``: names of the extra per-image tensors ``loss`` needs besides the pooled
+      features, passed as keyword arguments ``loss(features, labels, **extras)`` and aligned with
+      the batch. Known names (see ``EXTRA_INPUTS``): ``"views"``, float (B, V, D), the
+      L2-normalised features of V cached augmented views of each image; ``"patch_tokens"``,
+      float (B, P, D) patch tokens of the frozen ViT in the joint space (as
+      ``Backbone.encode_image_tokens`` gives them; (B, P, width) trunk tokens are projected).
+      ``forward`` never takes extras, so evaluation needs only pooled features.
+    - ``needs_training``: False for a learner with nothing to train (zero-shot): its
+      ``trainable_state()`` is ``{}``, and sites skip local training and need no training data.
+    - ``text_feature_only``: every loss term reaches the trainable tensors only through the class
+      text-feature matrix ``text_features()`` (C, D), so a per-sample gradient can be taken (and
+      clipped) in that space and pushed into the prompt with one backward pass.
+    - ``per_sample_loss``: the batch loss is the mean of per-sample terms, each depending on its
+      own image (and on public data) only, so one sample's influence is bounded by clipping its
+      term. Both flags must hold for text-feature-space differential privacy. The defaults fit
+      CoOp's cross-entropy; a method whose loss breaks either property sets it to False.
+
     Args:
         backbone: The shared frozen backbone.
         classnames: One name per class, in label order.
@@ -28,6 +52,10 @@ class Learner(torch.nn.Module, abc.ABC):
     """
 
     name: ClassVar[str]
+    required_inputs: ClassVar[tuple[str, ...]] = ()
+    needs_training: ClassVar[bool] = True
+    text_feature_only: ClassVar[bool] = True
+    per_sample_loss: ClassVar[bool] = True
 
     def __init__(self, backbone: Backbone, classnames: Sequence[str], **hparams: Any) -> None:
         super().__init__()
@@ -57,10 +85,40 @@ class Learner(torch.nn.Module, abc.ABC):
         text = self.text_features()
         return self._logit_scale * image_features.to(text.device, text.dtype) @ text.t()
 
-    def loss(self, image_features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Training loss of a batch; cross-entropy of the logits unless a method adds terms."""
+    def loss(
+        self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor
+    ) -> torch.Tensor:
+        """Training loss of a batch; cross-entropy of the logits unless a method adds terms.
+
+        Args:
+            image_features: Frozen, L2-normalised image features (B, D).
+            labels: Class ids (B,).
+            **extras: The tensors named in ``required_inputs``, one row per image.
+        """
+        self.check_extras(extras)
         logits = self(image_features)
         return F.cross_entropy(logits, labels.to(logits.device))
+
+    def check_extras(self, extras: Mapping[str, torch.Tensor]) -> None:
+        """Checks that ``extras`` holds exactly the inputs named in ``required_inputs``.
+
+        Raises:
+            ValueError: A required input is missing; the message says who supplies it.
+            TypeError: An input the learner does not use was passed.
+        """
+        missing = [name for name in self.required_inputs if name not in extras]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} needs the extra inputs {missing} in loss() (its "
+                f"required_inputs); the training loop must cache and pass them, e.g. "
+                f"learner.loss(features, labels, {missing[0]}=...)"
+            )
+        unexpected = sorted(set(extras) - set(self.required_inputs))
+        if unexpected:
+            raise TypeError(
+                f"{type(self).__name__}.loss() got extra inputs {unexpected} it does not use; "
+                f"it uses {list(self.required_inputs)}"
+            )
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Detached float32 CPU copies of the trainable tensors: what a site sends to the server."""

@@ -1,0 +1,216 @@
+"""Study plots: accuracy (or attack AUC) against epsilon per method, and accuracy per round.
+
+Figures are built on ``matplotlib.figure.Figure`` directly, never through ``pyplot``: no global
+figure state, no display needed, and saving a PNG uses the Agg canvas whatever the process's
+backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+
+Metric = Literal["accuracy", "mia_auc"]
+_METRIC_LABELS = {"accuracy": "accuracy (%)", "mia_auc": "membership-inference AUC"}
+
+
+@dataclass(frozen=True)
+class StudyPoint:
+    """One run of a study: a method at a privacy budget and seed, and what it reached.
+
+    Attributes:
+        method: Method (or method and setting) name, one line per value in the plots.
+        epsilon: The run's epsilon (the largest over its sites); ``math.inf`` without DP.
+        seed: The run's seed; points that differ only in seed make one error bar.
+        accuracy: Final accuracy, a fraction in [0, 1].
+        mia_auc: The membership-inference AUC on the final prompt, where measured.
+    """
+
+    method: str
+    epsilon: float
+    seed: int
+    accuracy: float
+    mia_auc: float | None = None
+
+
+def _mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else 0.0
+
+
+def _value(point: StudyPoint, metric: Metric) -> float | None:
+    if metric == "accuracy":
+        return 100.0 * point.accuracy
+    return point.mia_auc
+
+
+def metric_vs_epsilon(
+    points: Sequence[StudyPoint],
+    path: str | os.PathLike | None = None,
+    *,
+    metric: Metric = "accuracy",
+    title: str | None = None,
+) -> Figure:
+    """Mean over seeds, with one-standard-deviation error bars, against epsilon (log axis).
+
+    Non-private runs (``epsilon`` infinite) are drawn as a dashed horizontal line with a band in
+    the method's colour, since they sit at no finite epsilon. For the attack AUC, a dotted line
+    marks chance (0.5).
+
+    Args:
+        points: The study's runs.
+        path: Where to save the PNG, if anywhere.
+        metric: ``accuracy`` (in percent) or ``mia_auc``.
+        title: Figure title.
+
+    Raises:
+        ValueError: No point has a value for ``metric``.
+    """
+    grouped: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for point in points:
+        value = _value(point, metric)
+        if value is not None:
+            grouped[point.method][float(point.epsilon)].append(value)
+    if not grouped:
+        raise ValueError(f"No study point has a value for {metric!r}.")
+    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    axes = figure.add_subplot()
+    colours = _colours(len(grouped))
+    for colour, (method, by_epsilon) in zip(colours, sorted(grouped.items()), strict=True):
+        finite = sorted(eps for eps in by_epsilon if math.isfinite(eps))
+        if finite:
+            stats = [_mean_and_spread(by_epsilon[eps]) for eps in finite]
+            axes.errorbar(
+                finite,
+                [mean for mean, _ in stats],
+                yerr=[spread for _, spread in stats],
+                marker="o",
+                capsize=3,
+                color=colour,
+                label=method,
+            )
+        if math.inf in by_epsilon:
+            mean, spread = _mean_and_spread(by_epsilon[math.inf])
+            axes.axhline(mean, color=colour, linestyle="--", linewidth=1, label=f"{method}, no DP")
+            if spread:
+                axes.axhspan(mean - spread, mean + spread, color=colour, alpha=0.12, linewidth=0)
+    if metric == "mia_auc":
+        axes.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
+    axes.set_xscale("log")
+    budgets = sorted({eps for by_eps in grouped.values() for eps in by_eps if math.isfinite(eps)})
+    if budgets:  # ticks at the study's budgets, written as numbers, not powers of ten
+        axes.set_xticks(budgets, [f"{eps:g}" for eps in budgets])
+        axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xlabel("epsilon (per site, whole run)")
+    axes.set_ylabel(_METRIC_LABELS[metric])
+    _finish(axes, title, sort_legend=True)
+    return _saved(figure, path)
+
+
+def accuracy_vs_epsilon(
+    points: Sequence[StudyPoint], path: str | os.PathLike | None = None, *, title: str | None = None
+) -> Figure:
+    """Accuracy (%) against epsilon per method, with error bars over seeds."""
+    return metric_vs_epsilon(points, path, metric="accuracy", title=title)
+
+
+def round_accuracies(
+    lines: Sequence[Mapping[str, Any]], source: Literal["central", "federated"] = "central"
+) -> list[tuple[int, float]]:
+    """(round, accuracy) pairs from a run's ``metrics.jsonl`` lines, where measured.
+
+    Args:
+        lines: The parsed lines of ``metrics.jsonl``.
+        source: ``central`` (the global prompt on the whole test split) or ``federated`` (the
+            sites' own test sets, weighted by size).
+    """
+    pairs = []
+    for line in lines:
+        if source == "central":
+            central = line.get("central") or {}
+            value = central.get("accuracy")
+        else:
+            value = line.get("federated_accuracy")
+        if value is not None:
+            pairs.append((int(line["round"]), float(value)))
+    return pairs
+
+
+def accuracy_per_round(
+    runs: Mapping[str, Sequence[Sequence[tuple[int, float]]]],
+    path: str | os.PathLike | None = None,
+    *,
+    title: str | None = None,
+) -> Figure:
+    """Accuracy (%) per round, one line per label: the mean over its runs, a band of one std.
+
+    Args:
+        runs: For each label (a method, a budget), one (round, accuracy) series per seed, e.g.
+            from ``round_accuracies``; accuracies are fractions in [0, 1].
+        path: Where to save the PNG, if anywhere.
+        title: Figure title.
+
+    Raises:
+        ValueError: No series holds a point.
+    """
+    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    axes = figure.add_subplot()
+    colours = _colours(len(runs))
+    drawn = False
+    for colour, (label, series) in zip(colours, runs.items(), strict=True):
+        by_round: dict[int, list[float]] = defaultdict(list)
+        for run in series:
+            for round_number, accuracy in run:
+                by_round[round_number].append(100.0 * accuracy)
+        if not by_round:
+            continue
+        rounds = sorted(by_round)
+        stats = [_mean_and_spread(by_round[r]) for r in rounds]
+        means = np.array([mean for mean, _ in stats])
+        spreads = np.array([spread for _, spread in stats])
+        axes.plot(rounds, means, marker=".", color=colour, label=f"{label} (n={len(series)})")
+        axes.fill_between(rounds, means - spreads, means + spreads, color=colour, alpha=0.15)
+        drawn = True
+    if not drawn:
+        raise ValueError("No run has an accuracy to plot.")
+    axes.set_xlabel("round")
+    axes.set_ylabel(_METRIC_LABELS["accuracy"])
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    _finish(axes, title)
+    return _saved(figure, path)
+
+
+def _colours(count: int) -> list[str]:
+    """Colours of matplotlib's default cycle (tab10), repeating past ten."""
+    return [f"C{i % 10}" for i in range(count)]
+
+
+def _finish(axes: Axes, title: str | None, sort_legend: bool = False) -> None:
+    axes.grid(True, which="major", alpha=0.3)
+    handles, labels = axes.get_legend_handles_labels()
+    if sort_legend:  # a method's private line next to its non-private one
+        order = sorted(range(len(labels)), key=labels.__getitem__)
+        handles, labels = [handles[i] for i in order], [labels[i] for i in order]
+    axes.legend(handles, labels, fontsize="small", frameon=False)
+    if title:
+        axes.set_title(title)
+
+
+def _saved(figure: Figure, path: str | os.PathLike | None) -> Figure:
+    """Saves ``figure`` as a PNG at ``path`` (folders created) when a path is given."""
+    if path is not None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(target, dpi=150, format="png")
+    return figure

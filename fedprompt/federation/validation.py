@@ -1,0 +1,245 @@
+"""Update validation before aggregation, as a strategy wrapper (the way Flower wraps for DP).
+
+A site's reply is rejected, with a logged reason naming the site, when its tensors have other
+keys, shapes or dtypes than the global prompt, hold NaN or Inf, or moved the prompt much farther
+than the other sites' did; likewise a reply whose metrics are malformed. The round goes on with
+the replies that pass. Replies are handed to the wrapped strategy in site order, so the aggregate
+does not depend on the order replies arrived in (floating-point sums are order-sensitive) and a
+resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+Rejection = Callable[[int, str, str], None]
+"""Called as ``(node_id, message_type, reason)`` for each rejected reply."""
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metrics_problem(reply: Message, weighted_by_key: str) -> str | None:
+    """Why a reply's metrics cannot be aggregated, or None when they can."""
+    if len(reply.content.metric_records) != 1:
+        return (
+            f"it carries {len(reply.content.metric_records)} metric records where a reply "
+            "carries exactly one"
+        )
+    metrics = next(iter(reply.content.metric_records.values()))
+    weight = metrics.get(weighted_by_key)
+    if not _finite_number(weight) or weight <= 0:
+        return f"its {weighted_by_key!r} is {weight!r}, not a positive number"
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(_finite_number(v) for v in values):
+            return f"its metric {key!r} is {value!r}, not a finite number"
+    return None
+
+
+class UpdateValidation(Strategy):
+    """Screens every train and evaluate reply, then hands the good ones to ``strategy``.
+
+    Args:
+        strategy: The strategy that configures rounds and aggregates.
+        reference: The global trainable tensors; replies must match their keys, shapes and
+            dtypes.
+        max_update_ratio: A site whose update (its tensors minus the global ones) has a norm above
+            this multiple of the median of the other sites' update norms is rejected.
+        site_name: The site's name for a node id, for logs and for the site order.
+        on_reject: Told of each rejection (the metered grid records it in the round's line).
+        weighted_by_key: The metric that weights aggregation; must be a positive number.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        reference: ArrayRecord,
+        max_update_ratio: float = 10.0,
+        site_name: Callable[[int], str] = lambda node_id: f"node-{node_id}",
+        on_reject: Rejection | None = None,
+        weighted_by_key: str = "num-examples",
+    ) -> None:
+        self.strategy = strategy
+        self.expected = {
+            key: (tuple(array.shape), np.dtype(array.dtype)) for key, array in reference.items()
+        }
+        self.max_update_ratio = max_update_ratio
+        self.site_name = site_name
+        self.on_reject = on_reject
+        self.weighted_by_key = weighted_by_key
+        self._current = {key: array.numpy() for key, array in reference.items()}
+
+    def summary(self) -> None:
+        """Log the validation settings, then the wrapped strategy's."""
+        log(INFO, "\t├──> Update validation: keys, shapes, dtypes, finite values, metrics;")
+        log(
+            INFO, "\t│\t└── update norm at most %s x the other sites' median", self.max_update_ratio
+        )
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global tensors the updates are measured from; delegate."""
+        self._current = {key: array.numpy() for key, array in arrays.items()}
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegated."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the replies that pass every check, in site order."""
+        replies = list(replies)
+        failed = [reply for reply in replies if reply.has_error()]
+        passed: dict[int, dict[str, np.ndarray]] = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            arrays, reason = self._tensors(reply)
+            reason = reason or metrics_problem(reply, self.weighted_by_key)
+            if reason:
+                self._reject(server_round, reply, reason)
+            else:
+                passed[id(reply)] = arrays
+        kept = self._consistent_metrics(
+            server_round, [reply for reply in replies if id(reply) in passed]
+        )
+        kept = self._plausible_norms(server_round, kept, passed)
+        return self.strategy.aggregate_train(server_round, self._in_site_order(kept) + failed)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Aggregate the evaluation replies whose metrics pass, in site order."""
+        replies = list(replies)
+        failed = [reply for reply in replies if reply.has_error()]
+        passed = []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            reason = metrics_problem(reply, self.weighted_by_key)
+            if not reason and reply.content.array_records:
+                reason = "an evaluation reply carries tensors; it must carry metrics only"
+            if reason:
+                self._reject(server_round, reply, reason)
+            else:
+                passed.append(reply)
+        kept = self._consistent_metrics(server_round, passed)
+        return self.strategy.aggregate_evaluate(server_round, self._in_site_order(kept) + failed)
+
+    def _tensors(self, reply: Message) -> tuple[dict[str, np.ndarray], str | None]:
+        """The reply's tensors as arrays, or the first reason they cannot be aggregated."""
+        records = reply.content.array_records
+        if len(records) != 1:
+            return {}, f"it carries {len(records)} array records where a train reply carries one"
+        record = next(iter(records.values()))
+        if set(record) != set(self.expected):
+            return {}, (
+                f"its tensors are {sorted(record)} but the global prompt's are "
+                f"{sorted(self.expected)}"
+            )
+        arrays = {}
+        for key, array in record.items():
+            shape, dtype = self.expected[key]
+            if tuple(array.shape) != shape or np.dtype(array.dtype) != dtype:
+                found = f"{array.dtype} {tuple(array.shape)}"
+                return {}, f"tensor {key!r} is {found}, expected {dtype} {shape}"
+            try:
+                values = array.numpy()
+            except (ValueError, TypeError) as err:
+                return {}, f"tensor {key!r} cannot be decoded ({err})"
+            if values.shape != shape:
+                return {}, f"tensor {key!r} decodes to shape {values.shape}, expected {shape}"
+            if not np.isfinite(values).all():
+                return {}, f"tensor {key!r} holds NaN or Inf"
+            arrays[key] = values
+        return arrays, None
+
+    def _consistent_metrics(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Keep the replies whose metric names are the most common set, as Flower requires."""
+        names = {
+            id(reply): frozenset(next(iter(reply.content.metric_records.values())))
+            for reply in replies
+        }
+        if len(set(names.values())) <= 1:
+            return replies
+        counts = Counter(names[id(reply)] for reply in self._in_site_order(replies))
+        usual = counts.most_common(1)[0][0]
+        for reply in replies:
+            if names[id(reply)] != usual:
+                self._reject(
+                    server_round,
+                    reply,
+                    f"its metrics are {sorted(names[id(reply)])} but the other sites' are "
+                    f"{sorted(usual)}",
+                )
+        return [reply for reply in replies if names[id(reply)] == usual]
+
+    def _plausible_norms(
+        self,
+        server_round: int,
+        replies: list[Message],
+        arrays: Mapping[int, Mapping[str, np.ndarray]],
+    ) -> list[Message]:
+        """Reject an update whose norm is far above the median of the other sites' norms."""
+        norms = {
+            id(reply): math.sqrt(
+                sum(
+                    float(np.sum((values.astype(np.float64) - self._current[key]) ** 2))
+                    for key, values in arrays[id(reply)].items()
+                )
+            )
+            for reply in replies
+        }
+        kept = []
+        for reply in replies:
+            others = [norms[id(other)] for other in replies if other is not reply]
+            if others:
+                limit = self.max_update_ratio * max(float(np.median(others)), 1e-12)
+                if norms[id(reply)] > limit:
+                    self._reject(
+                        server_round,
+                        reply,
+                        f"its update norm {norms[id(reply)]:.4g} is above {self.max_update_ratio:g}"
+                        f" x the other sites' median ({float(np.median(others)):.4g})",
+                    )
+                    continue
+            kept.append(reply)
+        return kept
+
+    def _in_site_order(self, replies: list[Message]) -> list[Message]:
+        return sorted(
+            replies,
+            key=lambda r: (self.site_name(r.metadata.src_node_id), r.metadata.src_node_id),
+        )
+
+    def _reject(self, server_round: int, reply: Message, reason: str) -> None:
+        node_id = reply.metadata.src_node_id
+        kind = "update" if reply.metadata.message_type == MessageType.TRAIN else "evaluation"
+        log(
+            WARNING,
+            "[fedprompt] round %d: rejected the %s of %s: %s",
+            server_round,
+            kind,
+            self.site_name(node_id),
+            reason,
+        )
+        if self.on_reject is not None:
+            self.on_reject(node_id, reply.metadata.message_type, reason)

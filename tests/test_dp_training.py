@@ -1,0 +1,165 @@
+"""DP local training: the ledger counts steps, the budget stops a site, public terms skip noise."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedprompt.learners import create_learner
+from fedprompt.learners.coop import CoOp
+from fedprompt.privacy import SiteLedger, dp_train_local, privacy_summary
+
+CLASSES = ["glioma tumor", "meningioma tumor", "pituitary tumor", "normal brain"]
+TRAIN = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "local_epochs": 1, "batch_size": 6}
+PRIVACY = {"max_grad_norm": 1.0, "clipping": "auto", "deterministic": True}
+
+
+def _site(backbone, n=24, views=1, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = F.normalize(torch.randn(n, views, backbone.embed_dim, generator=generator), dim=-1)
+    labels = torch.randint(len(CLASSES), (n,), generator=generator)
+    return (features[:, 0] if views == 1 else features), labels
+
+
+def _ledger(n=24, noise=1.0, epsilon=50.0):
+    return SiteLedger.plan(
+        target_epsilon=epsilon,
+        num_records=n,
+        batch_size=TRAIN["batch_size"],
+        rounds=2,
+        local_epochs=1,
+        accountant="rdp",
+        noise_multiplier=noise,
+    )
+
+
+class AnchoredCoOp(CoOp):
+    """CoOp plus a public term pulling T toward fixed anchors (as SCCM does with descriptions)."""
+
+    def __init__(self, backbone, classnames, weight=1.0):
+        super().__init__(backbone, classnames)
+        generator = torch.Generator().manual_seed(7)
+        self.anchors = F.normalize(
+            torch.randn(len(classnames), backbone.embed_dim, generator=generator), dim=-1
+        )
+        self.weight = weight
+
+    def public_loss(self):
+        return self.weight * (self.text_features() - self.anchors).square().sum()
+
+    def private_sample_losses(self, similarities, labels, image_features):
+        return F.cross_entropy(self._logit_scale * similarities, labels, reduction="none")
+
+    def private_loss(self, image_features, labels):
+        return super().loss(image_features, labels)
+
+    def loss(self, image_features, labels):
+        return self.private_loss(image_features, labels) + self.public_loss()
+
+
+class ImageConditioned(CoOp):
+    """Image-conditioned toy: a per-image shift of the text features (not text-feature-only)."""
+
+    text_feature_only = False
+
+    def __init__(self, backbone, classnames):
+        super().__init__(backbone, classnames)
+        self.shift = torch.nn.Linear(backbone.embed_dim, backbone.embed_dim, bias=False)
+
+    def forward(self, image_features):
+        text = self.text_features()
+        shifted = F.normalize(text[None] + self.shift(image_features)[:, None], dim=-1)
+        return self._logit_scale * torch.einsum("bd,bcd->bc", image_features, shifted)
+
+
+def test_rounds_spend_the_ledger_until_the_budget_stops_the_site(miniature_backbone):
+    features, labels = _site(miniature_backbone)
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    ledger = _ledger()
+    assert ledger.steps_per_round(1) == 4
+    ledger.target_epsilon = ledger.epsilon(extra_steps=8)  # two rounds fit, a third does not
+    epsilons = []
+    for round_number in range(3):
+        ledger = SiteLedger.from_dict(ledger.to_dict())  # as kept in the node's state
+        before = copy.deepcopy(learner.trainable_state())
+        stats = dp_train_local(learner, features, labels, TRAIN, PRIVACY, ledger, seed=round_number)
+        changed = not torch.equal(before["ctx"], learner.ctx.detach())
+        if round_number < 2:
+            assert not stats.budget_exhausted and stats.steps == 4 and changed
+            assert stats.total_steps == 4 * (round_number + 1)
+            assert stats.clipping == "text_features"
+        else:
+            assert stats.budget_exhausted and stats.steps == 0 and not changed
+        epsilons.append(stats.epsilon)
+        metrics = stats.metrics()
+        assert metrics["dp-epsilon"] == stats.epsilon
+        assert all(isinstance(value, (int, float)) for value in metrics.values())
+    assert 0 < epsilons[0] < epsilons[1] == epsilons[2] == ledger.target_epsilon
+    assert ledger.epsilon() == epsilons[1]
+    assert ledger.summary()["steps"] == 8
+    assert privacy_summary(metrics, "rdp") == ledger.summary()
+
+
+def test_deterministic_runs_repeat_and_entropy_runs_differ(miniature_backbone):
+    features, labels = _site(miniature_backbone, views=2)
+    states = []
+    for deterministic in (True, True, False):
+        learner = create_learner("coop", miniature_backbone, CLASSES)
+        privacy = {**PRIVACY, "deterministic": deterministic}
+        dp_train_local(learner, features, labels, TRAIN, privacy, _ledger(), seed=3)
+        states.append(learner.ctx.detach().clone())
+    assert torch.equal(states[0], states[1])
+    assert not torch.equal(states[0], states[2])
+
+
+@pytest.mark.parametrize("clipping", ["text_features", "exact"])
+def test_public_terms_are_neither_clipped_nor_noised(miniature_backbone, clipping):
+    features, labels = _site(miniature_backbone, n=12)
+    learner = AnchoredCoOp(miniature_backbone, CLASSES)
+    reference = copy.deepcopy(learner)
+    # A vanishing clipping norm leaves only the public term's gradient (noise std is 1e-12).
+    privacy = {**PRIVACY, "max_grad_norm": 1e-12, "clipping": clipping}
+    stats = dp_train_local(learner, features, labels, TRAIN, privacy, _ledger(n=12), seed=0)
+    assert stats.clipping == clipping and stats.steps == 2
+    optimizer = torch.optim.SGD([reference.ctx], lr=TRAIN["lr"])
+    for _ in range(stats.steps):
+        optimizer.zero_grad()
+        reference.public_loss().backward()
+        optimizer.step()
+    torch.testing.assert_close(learner.ctx, reference.ctx, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(learner.ctx, AnchoredCoOp(miniature_backbone, CLASSES).ctx)
+
+
+def test_image_conditioned_learner_trains_in_exact_mode(miniature_backbone):
+    features, labels = _site(miniature_backbone, n=12)
+    learner = ImageConditioned(miniature_backbone, CLASSES)
+    shift_before = learner.shift.weight.detach().clone()
+    stats = dp_train_local(learner, features, labels, TRAIN, PRIVACY, _ledger(n=12), seed=0)
+    assert stats.clipping == "exact" and stats.steps == 2
+    assert not torch.equal(shift_before, learner.shift.weight)
+    with pytest.raises(ValueError, match="exact"):
+        dp_train_local(
+            learner,
+            features,
+            labels,
+            TRAIN,
+            {**PRIVACY, "clipping": "text_features"},
+            _ledger(n=12),
+            seed=0,
+        )
+
+
+def test_refuses_a_ledger_for_another_site_and_non_per_sample_losses(miniature_backbone):
+    features, labels = _site(miniature_backbone)
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    with pytest.raises(ValueError, match="planned for 30"):
+        dp_train_local(learner, features, labels, TRAIN, PRIVACY, _ledger(n=30), seed=0)
+
+    class Contrastive(CoOp):
+        per_sample_loss = False
+
+    with pytest.raises(ValueError, match="per-record"):
+        dp_train_local(
+            Contrastive(miniature_backbone, CLASSES), features, labels, TRAIN, PRIVACY, _ledger(), 0
+        )

@@ -1,0 +1,305 @@
+import copy
+import dataclasses
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torchvision import transforms
+
+from fedprompt.data.augment import AugmentationSettings, SeededViewTransform
+from fedprompt.data.feature_cache import FeatureStore, backbone_identity, entry_key
+from fedprompt.data.features import (
+    FeatureCache,
+    FeatureSettings,
+    encode_image_set,
+    encode_views,
+)
+from fedprompt.data.image_set import ImageSet
+
+
+def _images(count=6, seed=0, prefix="img"):
+    """Small in-memory RGB images of random content, with stable identities."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(count, 40, 52, 3), dtype=np.uint8)
+    return ImageSet(
+        pixels, np.arange(count) % 2, ["a", "b"], [f"{prefix}/{i}" for i in range(count)]
+    )
+
+
+def _settings(tmp_path, **changes):
+    return dataclasses.replace(FeatureSettings(cache_dir=tmp_path, batch_size=64), **changes)
+
+
+def _augmented(backbone, settings):
+    return SeededViewTransform.for_backbone(
+        backbone.model.visual.preprocess_cfg, settings.augmentation
+    )
+
+
+def test_cached_features_equal_a_fresh_computation(miniature_backbone, tmp_path):
+    images = _images()
+    cache = FeatureCache(_settings(tmp_path))
+    first, labels = cache.get(miniature_backbone, images)
+    fresh, fresh_labels = encode_image_set(miniature_backbone, images, batch_size=64)
+    assert torch.equal(first, fresh) and torch.equal(labels, fresh_labels)
+    assert torch.equal(cache.get(miniature_backbone, images)[0], fresh)  # from memory
+    cache.clear()
+    assert torch.equal(cache.get(miniature_backbone, images)[0], fresh)  # from disk
+    assert cache.encoded_views == len(images)
+    assert first.shape == (len(images), miniature_backbone.embed_dim)
+    torch.testing.assert_close(first.norm(dim=1), torch.ones(len(images)))
+
+
+def test_augmented_views_are_cached_and_equal_a_fresh_computation(miniature_backbone, tmp_path):
+    images = _images()
+    settings = _settings(tmp_path, views=3)
+    cache = FeatureCache(settings)
+    cached = cache.training_views(miniature_backbone, images, patch_tokens=True)
+    fresh, tokens = encode_views(
+        miniature_backbone,
+        images,
+        _augmented(miniature_backbone, settings),
+        [0, 1, 2],
+        patch_tokens=True,
+        batch_size=64,
+    )
+    assert cached.num_views == 3 and cached.features.shape[:2] == (len(images), 3)
+    assert torch.equal(cached.features, torch.stack(fresh, dim=1))
+    assert all(torch.equal(a, b) for a, b in zip(cached.patch_tokens, tokens, strict=True))
+    cache.clear()
+    again = cache.training_views(miniature_backbone, images, patch_tokens=True)
+    assert torch.equal(again.features, cached.features)
+    assert all(torch.equal(a, b) for a, b in zip(again.patch_tokens, tokens, strict=True))
+    assert cache.encoded_views == 3 * len(images)
+
+
+def test_one_view_is_the_eval_transform_and_more_are_seeded_crops(miniature_backbone, tmp_path):
+    images = _images()
+    cache = FeatureCache(_settings(tmp_path))
+    plain = cache.training_views(miniature_backbone, images)
+    assert plain.num_views == 1 and plain.patch_tokens is None
+    assert torch.equal(plain.features[:, 0], cache.get(miniature_backbone, images)[0])
+    augmented = cache.training_views(miniature_backbone, images, _settings(tmp_path, views=2))
+    assert not torch.allclose(augmented.features[:, 0], plain.features[:, 0])
+    assert not torch.allclose(augmented.features[:, 0], augmented.features[:, 1])
+    reseeded = _settings(tmp_path, views=2, augmentation=AugmentationSettings(seed=1))
+    other = cache.training_views(miniature_backbone, images, reseeded)
+    assert not torch.allclose(other.features, augmented.features)
+
+
+def test_a_view_is_the_same_crop_whatever_the_batch_or_view_count(miniature_backbone):
+    transform = _augmented(miniature_backbone, FeatureSettings())
+    image = _images(1).with_transform(None)[0][0]
+    assert torch.equal(transform(image, "x/1", 2), transform(image, "x/1", 2))
+    assert not torch.equal(transform(image, "x/1", 2), transform(image, "x/1", 3))
+    assert not torch.equal(transform(image, "x/1", 2), transform(image, "x/2", 2))
+    size = miniature_backbone.image_size
+    assert transform(image, "x/1", 0).shape == (3, size, size)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        top, left, height, width = transform.crop_box(52, 40, rng)
+        assert top >= 0 and left >= 0 and top + height <= 40 and left + width <= 52
+
+
+def test_changing_the_view_count_never_returns_the_old_views(miniature_backbone, tmp_path):
+    images = _images()
+    cache = FeatureCache(_settings(tmp_path))
+    two = cache.training_views(miniature_backbone, images, _settings(tmp_path, views=2))
+    three = cache.training_views(miniature_backbone, images, _settings(tmp_path, views=3))
+    assert three.num_views == 3
+    # Views are keyed by index: raising the count encodes only the new view.
+    assert cache.encoded_views == 3 * len(images)
+    torch.testing.assert_close(three.features[:, :2], two.features, rtol=0, atol=1e-6)
+    one = cache.training_views(miniature_backbone, images, _settings(tmp_path, views=1))
+    assert one.num_views == 1 and cache.encoded_views == 4 * len(images)
+    assert not torch.allclose(one.features[:, 0], two.features[:, 0])
+
+
+def test_changing_the_backbone_weights_or_spec_invalidates(
+    miniature_backbone, miniature_native_backbone, tmp_path
+):
+    images = _images()
+    cache = FeatureCache(_settings(tmp_path))
+    base, _ = cache.get(miniature_backbone, images)
+    model = copy.deepcopy(miniature_backbone.model)
+    with torch.no_grad():
+        model.visual.head.proj.weight.mul_(-1.0)
+    retrained = dataclasses.replace(miniature_backbone, model=model)
+    assert backbone_identity(retrained) != backbone_identity(miniature_backbone)
+    flipped, _ = cache.get(retrained, images)
+    torch.testing.assert_close(flipped, -base)
+    native, _ = cache.get(miniature_native_backbone, images)
+    assert native.shape[0] == len(images)
+    assert cache.encoded_views == 3 * len(images)
+    cache.clear()
+    assert torch.equal(cache.get(miniature_backbone, images)[0], base)
+    assert cache.encoded_views == 3 * len(images)
+
+
+def test_changing_the_preprocessing_or_images_invalidates(miniature_backbone, tmp_path):
+    images = _images()
+    cache = FeatureCache(_settings(tmp_path))
+    base, _ = cache.get(miniature_backbone, images)
+    blurred = transforms.Compose([transforms.GaussianBlur(5), miniature_backbone.preprocess])
+    assert repr(blurred) != repr(miniature_backbone.preprocess)
+    other = dataclasses.replace(miniature_backbone, preprocess=blurred)
+    changed, _ = cache.get(other, images)
+    assert changed.shape == base.shape and not torch.allclose(changed, base)
+    assert cache.encoded_views == 2 * len(images)
+    renamed = _images(prefix="other")
+    cache.get(miniature_backbone, renamed)
+    cache.get(miniature_backbone, images.subset([0, 1, 2]))
+    assert cache.encoded_views == 3 * len(images) + 3
+    crop = _settings(tmp_path, views=2)
+    wider = _settings(tmp_path, views=2, augmentation=AugmentationSettings(scale=(0.5, 1.0)))
+    cache.training_views(miniature_backbone, images, crop)
+    cache.training_views(miniature_backbone, images, wider)
+    assert cache.encoded_views == 7 * len(images) + 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "bit_flip", "stale", "empty"])
+def test_a_damaged_cache_file_is_rebuilt(miniature_backbone, tmp_path, caplog, damage):
+    images = _images()
+    cache = FeatureCache(_settings(tmp_path))
+    base, _ = cache.get(miniature_backbone, images)
+    (path,) = tmp_path.rglob("*.features.pt")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "garbage":
+        path.write_bytes(b"not a torch file" * 10)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        payload = torch.load(path, weights_only=True)
+        if damage == "bit_flip":
+            payload["tensors"]["features"][0, 0] += 1.0
+        else:
+            payload["key"] = "0" * 64
+        torch.save(payload, path)
+    cache.clear()
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        rebuilt, _ = cache.get(miniature_backbone, images)
+    assert str(path) in caplog.text and "rebuild" in caplog.text
+    assert cache.encoded_views == 2 * len(images)
+    assert torch.equal(rebuilt, base)
+    cache.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        assert torch.equal(cache.get(miniature_backbone, images)[0], base)
+    assert cache.encoded_views == 2 * len(images) and not caplog.text
+
+
+def test_concurrent_writers_leave_one_valid_file(tmp_path):
+    store = FeatureStore(tmp_path)
+    tensors = {"features": torch.randn(64, 32)}
+    threads = [
+        threading.Thread(target=store.save, args=("b" * 64, "k" * 64, "features", tensors, {}))
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    loaded = store.load("b" * 64, "k" * 64, "features")
+    assert loaded is not None and torch.equal(loaded["features"], tensors["features"])
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [f"{'k' * 40}.features.pt"]
+
+
+def test_unwritable_cache_folder_only_costs_speed(miniature_backbone, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    cache = FeatureCache(_settings(blocker / "features"))
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        features, _ = cache.get(miniature_backbone, _images())
+    assert features.shape[0] == 6 and "cannot be written" in caplog.text
+
+
+def test_patch_tokens_are_half_precision_within_the_budget(miniature_backbone, tmp_path):
+    images = _images()
+    cache = FeatureCache(_settings(tmp_path, views=2))
+    views = cache.training_views(miniature_backbone, images, patch_tokens=True)
+    tokens = views.patch_tokens
+    assert len(tokens) == 2 and all(t.dtype == torch.float16 for t in tokens)
+    assert tokens[0].shape[0] == len(images) and tokens[0].shape[2] == miniature_backbone.embed_dim
+    token_bytes = sum(t.numel() * t.element_size() for t in tokens)
+    feature_bytes = views.features.numel() * views.features.element_size()
+    assert cache.memory_bytes == token_bytes + feature_bytes
+    # Over budget: not held in memory, read memory-mapped from the disk cache instead.
+    small = _settings(tmp_path, views=2, patch_tokens_budget_mb=token_bytes / 4 / 2**20)
+    mapped_cache = FeatureCache(small)
+    mapped = mapped_cache.training_views(miniature_backbone, images, patch_tokens=True)
+    assert all(torch.equal(a, b) for a, b in zip(mapped.patch_tokens, tokens, strict=True))
+    assert mapped_cache.memory_bytes == feature_bytes and mapped_cache.encoded_views == 0
+    with pytest.raises(MemoryError, match="patch_tokens_budget_mb"):
+        FeatureCache(dataclasses.replace(small, cache_dir=None)).training_views(
+            miniature_backbone, images, patch_tokens=True
+        )
+
+
+def test_patch_tokens_are_the_projected_tokens_of_the_tower(miniature_backbone):
+    pixels = torch.randn(2, 3, miniature_backbone.image_size, miniature_backbone.image_size)
+    pooled, patches = miniature_backbone.encode_image_tokens(pixels)
+    assert torch.equal(pooled, miniature_backbone.encode_images(pixels))
+    patch = miniature_backbone.model.visual.trunk.patch_embed.patch_size[0]
+    assert patches.shape == (2, (miniature_backbone.image_size // patch) ** 2, 32)
+
+
+def test_memory_is_bounded_in_bytes_whatever_the_number_of_sets(miniature_backbone, tmp_path):
+    images = _images(12)
+    one_set = 3 * miniature_backbone.embed_dim * 4
+    cache = FeatureCache(_settings(tmp_path, memory_mb=2.5 * one_set / 2**20))
+    for start in range(0, 12, 3):
+        cache.get(miniature_backbone, images.subset(range(start, start + 3)))
+        assert cache.memory_bytes <= 2.5 * one_set
+    assert cache.memory_bytes == 2 * one_set
+
+
+def test_settings_from_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPROMPT_CACHE", str(tmp_path))
+    assert FeatureSettings.from_config(None).cache_dir == tmp_path / "features"
+    assert FeatureSettings.from_config({"cache_dir": False}).cache_dir is None
+    settings = FeatureSettings.from_config(
+        {
+            "cache_dir": str(tmp_path / "x"),
+            "views": 4,
+            "augmentation": {"scale": [0.5, 1], "seed": 3},
+        }
+    )
+    assert settings.views == 4 and settings.augmentation == AugmentationSettings((0.5, 1.0), seed=3)
+    with pytest.raises(ValueError, match=r"features\.views"):
+        FeatureSettings.from_config({"views": 0})
+    with pytest.raises(ValueError, match="scale"):
+        FeatureSettings.from_config({"augmentation": {"scale": [0.9, 0.2]}})
+
+
+def test_entry_keys_separate_every_part():
+    base = entry_key("b", "p", 0, ["x", "y"])
+    assert (
+        len(
+            {
+                base,
+                entry_key("c", "p", 0, ["x", "y"]),
+                entry_key("b", "q", 0, ["x", "y"]),
+                entry_key("b", "p", 1, ["x", "y"]),
+                entry_key("b", "p", 0, ["y", "x"]),
+                entry_key("b", "p", 0, ["xy"]),
+            }
+        )
+        == 6
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_features_run_in_bf16_and_match_the_cpu(miniature_backbone, tmp_path):
+    gpu = dataclasses.replace(miniature_backbone, model=copy.deepcopy(miniature_backbone.model))
+    gpu.model.to("cuda")
+    gpu.device = torch.device("cuda")
+    assert backbone_identity(gpu) != backbone_identity(miniature_backbone)
+    images = _images()
+    on_cpu, _ = FeatureCache(_settings(tmp_path)).get(miniature_backbone, images)
+    on_gpu, _ = FeatureCache(_settings(tmp_path)).get(gpu, images)
+    assert on_gpu.dtype == torch.float32 and on_gpu.device.type == "cpu"
+    assert torch.nn.functional.cosine_similarity(on_cpu, on_gpu).min() > 0.98

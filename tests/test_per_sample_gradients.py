@@ -1,0 +1,150 @@
+"""Exact per-sample DP clipping equals a loop over single samples, for any learner."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedprompt.learners import create_learner
+from fedprompt.learners.coop import CoOp
+from fedprompt.privacy import ExactClipping, per_sample_gradients, resolve_clipping
+
+CLASSES = ["glioma tumor", "meningioma tumor", "pituitary tumor", "normal brain"]
+
+
+class ImageConditionedCoOp(CoOp):
+    """CoCoOp-like toy: a meta-net shifts the class text features by a function of the image."""
+
+    text_feature_only = False
+
+    def __init__(self, backbone, classnames):
+        super().__init__(backbone, classnames)
+        dim = backbone.embed_dim
+        self.meta_net = torch.nn.Linear(dim, dim)
+        torch.nn.init.normal_(
+            self.meta_net.weight, std=0.1, generator=torch.Generator().manual_seed(5)
+        )
+
+    def forward(self, image_features):
+        image_features = image_features.to(self.ctx.device)
+        text = self.text_features()  # (C, D)
+        shifted = F.normalize(text[None] + self.meta_net(image_features)[:, None], dim=-1)
+        return self._logit_scale * torch.einsum("bd,bcd->bc", image_features, shifted)
+
+
+def _batch(backbone, n=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = F.normalize(torch.randn(n, backbone.embed_dim, generator=generator), dim=-1)
+    return features, torch.randint(len(CLASSES), (n,), generator=generator)
+
+
+def _loop_over_samples(learner, features, labels):
+    """Reference: one backward of the loss of each single sample."""
+    params = {n: p for n, p in learner.named_parameters() if p.requires_grad}
+    per_sample = {name: [] for name in params}
+    for row in range(len(labels)):
+        loss = learner.loss(features[row : row + 1], labels[row : row + 1])
+        grads = torch.autograd.grad(loss, list(params.values()))
+        for name, grad in zip(params, grads, strict=True):
+            per_sample[name].append(grad)
+    return {name: torch.stack(grads) for name, grads in per_sample.items()}
+
+
+def _assert_close_to_scale(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def _learner(kind, backbone):
+    if kind == "image_conditioned":
+        return ImageConditionedCoOp(backbone, CLASSES)
+    return create_learner("coop", backbone, CLASSES, class_specific=kind == "coop_csc")
+
+
+@pytest.mark.parametrize("kind", ["coop", "coop_csc", "image_conditioned"])
+def test_vmap_per_sample_gradients_equal_a_loop(miniature_backbone, kind):
+    learner = _learner(kind, miniature_backbone)
+    features, labels = _batch(miniature_backbone)
+    grads, losses = per_sample_gradients(learner, features, labels)
+    expected = _loop_over_samples(learner, features, labels)
+    assert set(grads) == set(expected)
+    for name in expected:
+        assert grads[name].shape == (6, *dict(learner.named_parameters())[name].shape)
+        _assert_close_to_scale(grads[name], expected[name])
+    torch.testing.assert_close(losses, F.cross_entropy(learner(features), labels, reduction="none"))
+
+
+def test_loop_method_equals_vmap(miniature_native_backbone):
+    learner = create_learner("coop", miniature_native_backbone, CLASSES)
+    features, labels = _batch(miniature_native_backbone, n=4, seed=1)
+    vmapped, _ = per_sample_gradients(learner, features, labels, method="vmap", chunk_size=3)
+    looped, _ = per_sample_gradients(learner, features, labels, method="loop")
+    _assert_close_to_scale(vmapped["ctx"], looped["ctx"])
+
+
+@pytest.mark.parametrize("kind", ["coop", "image_conditioned"])
+def test_noiseless_exact_step_equals_hand_written_clip_and_sum(miniature_backbone, kind):
+    learner = _learner(kind, miniature_backbone)
+    features, labels = _batch(miniature_backbone, n=6, seed=2)
+    expected = _loop_over_samples(learner, features, labels)
+    names = list(expected)
+    norms = torch.cat([g.flatten(1) for g in expected.values()], dim=1).norm(dim=1)
+    max_grad_norm = norms.median().item()
+    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    want = {name: torch.einsum("b,b...->...", factors, expected[name]) / 8 for name in names}
+
+    steps = []
+    clipper = ExactClipping(
+        learner,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=8,
+        noise_generator=None,
+        step_hook=lambda optimizer: steps.append(1),
+    )
+    clipper.private_gradient(features, labels, {})
+    assert clipper.method == "vmap"
+    for name, param in learner.named_parameters():
+        _assert_close_to_scale(param.grad, want[name])
+    assert steps == [1]
+    assert (factors < 1).any() and (factors == 1).any()
+    clipper.close()
+    assert not hasattr(learner.ctx, "grad_sample")
+
+
+def test_empty_batch_gives_zero_gradient_and_one_step(miniature_backbone):
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone)
+    steps = []
+    clipper = ExactClipping(
+        learner,
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=4,
+        noise_generator=None,
+        step_hook=lambda optimizer: steps.append(1),
+    )
+    clipper.private_gradient(features[:0], labels[:0], {})
+    assert torch.count_nonzero(learner.ctx.grad) == 0
+    assert steps == [1]
+
+
+def test_clipping_mode_follows_the_learner_flags(miniature_backbone):
+    coop = create_learner("coop", miniature_backbone, CLASSES)
+    conditioned = ImageConditionedCoOp(miniature_backbone, CLASSES)
+    assert resolve_clipping(coop, "auto") == "text_features"
+    assert resolve_clipping(coop, "exact") == "exact"
+    assert resolve_clipping(conditioned, "auto") == "exact"
+    with pytest.raises(ValueError, match=r"privacy\.clipping=exact"):
+        resolve_clipping(conditioned, "text_features")
+    with pytest.raises(ValueError, match=r"Unknown privacy\.clipping"):
+        resolve_clipping(coop, "ghost")
+
+    class ExtraTerm(CoOp):  # overrides loss without saying which terms are private
+        def loss(self, image_features, labels):
+            return super().loss(image_features, labels) + self.ctx.square().sum()
+
+    extra = ExtraTerm(miniature_backbone, CLASSES)
+    assert resolve_clipping(extra, "auto") == "exact"
+    with pytest.raises(ValueError, match="private_sample_losses"):
+        resolve_clipping(extra, "text_features")
+    extra.private_sample_losses = lambda similarities, labels, image_features: similarities[:, 0]
+    assert resolve_clipping(extra, "auto") == "text_features"

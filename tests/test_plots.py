@@ -1,0 +1,72 @@
+"""Study plots are written as PNGs from study points and metrics.jsonl lines."""
+
+import math
+
+import pytest
+
+from fedprompt.evaluation.plots import (
+    StudyPoint,
+    accuracy_per_round,
+    accuracy_vs_epsilon,
+    metric_vs_epsilon,
+    round_accuracies,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _points():
+    points = []
+    for method, base in (("coop", 0.70), ("biomedcoop", 0.76)):
+        for seed in range(3):
+            for epsilon, drop in ((1.0, 0.20), (2.0, 0.12), (4.0, 0.07), (8.0, 0.04)):
+                accuracy = base - drop + 0.01 * (seed - 1)
+                points.append(StudyPoint(method, epsilon, seed, accuracy, 0.5 + drop / 4))
+            points.append(StudyPoint(method, math.inf, seed, base + 0.01 * seed, 0.58))
+    return points
+
+
+def test_accuracy_vs_epsilon_png(tmp_path):
+    path = tmp_path / "plots" / "accuracy_vs_epsilon.png"
+    figure = accuracy_vs_epsilon(_points(), path, title="BTMRI, 5 sites")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    axes = figure.axes[0]
+    assert axes.get_xscale() == "log"
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert labels == ["biomedcoop", "biomedcoop, no DP", "coop", "coop, no DP"]
+    # One error bar per (method, finite epsilon), spread over three seeds.
+    assert len(axes.containers) == 2
+
+
+def test_attack_auc_vs_epsilon_marks_chance(tmp_path):
+    path = tmp_path / "mia.png"
+    figure = metric_vs_epsilon(_points(), path, metric="mia_auc")
+    assert path.exists()
+    assert "chance" in [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    with pytest.raises(ValueError, match="mia_auc"):
+        metric_vs_epsilon([StudyPoint("coop", 1.0, 0, 0.5)], metric="mia_auc")
+
+
+def test_accuracy_per_round_from_metrics_lines(tmp_path):
+    lines = [
+        {"round": 1, "central": {"accuracy": 0.5}, "federated_accuracy": 0.45},
+        {"round": 2, "central": None, "federated_accuracy": 0.55},
+        {"round": 3, "central": {"accuracy": 0.7}, "federated_accuracy": None},
+    ]
+    assert round_accuracies(lines) == [(1, 0.5), (3, 0.7)]
+    assert round_accuracies(lines, source="federated") == [(1, 0.45), (2, 0.55)]
+    runs = {
+        "coop, no DP": [[(r, 0.4 + 0.05 * r + 0.01 * s) for r in range(1, 11)] for s in range(3)],
+        "coop, epsilon 4": [
+            [(r, 0.35 + 0.03 * r + 0.02 * s) for r in range(1, 11)] for s in range(3)
+        ],
+    }
+    path = tmp_path / "rounds.png"
+    figure = accuracy_per_round(runs, path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert [text.get_text() for text in figure.axes[0].get_legend().get_texts()] == [
+        "coop, no DP (n=3)",
+        "coop, epsilon 4 (n=3)",
+    ]
+    with pytest.raises(ValueError, match="No run"):
+        accuracy_per_round({"empty": [[]]})

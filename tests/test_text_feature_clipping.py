@@ -1,0 +1,140 @@
+"""Text-feature-space DP clipping equals a hand-written per-sample clip-and-sum of dL/dT."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedprompt.learners import create_learner
+from fedprompt.privacy import TextFeatureClipping
+
+CLASSES = ["glioma tumor", "meningioma tumor", "pituitary tumor", "normal brain"]
+
+
+def _batch(backbone, n=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = F.normalize(torch.randn(n, backbone.embed_dim, generator=generator), dim=-1)
+    labels = torch.randint(len(CLASSES), (n,), generator=generator)
+    return features, labels
+
+
+def _assert_close_to_scale(actual, expected):
+    """Equal up to float32 round-off relative to the largest entry."""
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def _clipper(learner, max_grad_norm, expected_batch_size, noise=0.0, steps=None, generator=None):
+    steps = [] if steps is None else steps
+    return TextFeatureClipping(
+        learner,
+        noise_multiplier=noise,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        noise_generator=generator,
+        step_hook=lambda optimizer: steps.append(optimizer.noise_multiplier),
+    )
+
+
+def _hand_clipped_text_gradient(learner, features, labels, max_grad_norm, expected_batch_size):
+    """Per-sample dL_i/dT by autograd, each clipped to max_grad_norm, summed, over B_expected."""
+    text = learner.text_features().detach()
+    scale = learner.backbone.logit_scale()
+    total = torch.zeros_like(text)
+    norms = []
+    for image, label in zip(features, labels, strict=True):
+        leaf = text.clone().requires_grad_(True)
+        loss = F.cross_entropy(scale * image[None] @ leaf.t(), label[None])
+        (grad,) = torch.autograd.grad(loss, leaf)
+        norms.append(grad.norm().item())
+        total += grad * min(1.0, max_grad_norm / (grad.norm().item() + 1e-6))
+    return total / expected_batch_size, norms
+
+
+@pytest.mark.parametrize("backbone_name", ["miniature_backbone", "miniature_native_backbone"])
+def test_noiseless_step_equals_hand_written_clip_and_sum(request, backbone_name):
+    backbone = request.getfixturevalue(backbone_name)
+    learner = create_learner("coop", backbone, CLASSES)
+    features, labels = _batch(backbone)
+    _, norms = _hand_clipped_text_gradient(learner, features, labels, 1e9, 10)
+    max_grad_norm = sorted(norms)[len(norms) // 2]  # clips about half of the records
+    expected, _ = _hand_clipped_text_gradient(learner, features, labels, max_grad_norm, 10)
+    (want,) = torch.autograd.grad(learner.text_features(), learner.ctx, grad_outputs=expected)
+
+    steps = []
+    clipper = _clipper(learner, max_grad_norm, expected_batch_size=10, steps=steps)
+    loss = clipper.private_gradient(features, labels, {})
+    clipper.close()
+
+    _assert_close_to_scale(learner.ctx.grad, want)
+    assert learner.ctx.grad.abs().max() > 0
+    assert steps == [0.0]
+    per_sample = F.cross_entropy(learner(features), labels, reduction="none")
+    torch.testing.assert_close(loss, per_sample.sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_noisy_text_gradient_is_the_clipped_mean(miniature_backbone):
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone, n=6, seed=1)
+    expected, _ = _hand_clipped_text_gradient(learner, features, labels, 0.5, 4)
+    clipper = _clipper(learner, 0.5, expected_batch_size=4)
+    noisy, losses = clipper.noisy_text_feature_gradient(
+        learner.text_features().detach(), features, labels, {}
+    )
+    torch.testing.assert_close(noisy, expected, rtol=1e-4, atol=1e-7)
+    assert losses.shape == (6,)
+
+
+def test_without_clipping_it_is_the_ordinary_gradient(miniature_backbone):
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone, n=5, seed=2)
+    (plain,) = torch.autograd.grad(learner.loss(features, labels), learner.ctx)
+    clipper = _clipper(learner, max_grad_norm=1e9, expected_batch_size=5)
+    clipper.private_gradient(features, labels, {})
+    # The batch mean of the losses over the actual batch size, which here is the expected one.
+    _assert_close_to_scale(learner.ctx.grad, plain)
+
+
+def test_empty_poisson_batch_is_a_noised_accounted_step(miniature_backbone):
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone)
+    steps = []
+    clipper = _clipper(learner, 1.0, expected_batch_size=4, steps=steps)
+    loss = clipper.private_gradient(features[:0], labels[:0], {})
+    assert float(loss) == 0.0
+    assert torch.count_nonzero(learner.ctx.grad) == 0
+    assert steps == [0.0]
+
+    noisy_steps = []
+    generator = torch.Generator().manual_seed(0)
+    noisy = _clipper(learner, 1.0, 4, noise=1.0, steps=noisy_steps, generator=generator)
+    noisy.private_gradient(features[:0], labels[:0], {})
+    assert torch.count_nonzero(learner.ctx.grad) > 0
+    assert noisy_steps == [1.0]
+
+
+def test_noise_has_std_sigma_times_clip_over_expected_batch(miniature_backbone):
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone)
+    sigma, clip, expected_batch = 2.0, 0.5, 4
+    clipper = _clipper(
+        learner, clip, expected_batch, noise=sigma, generator=torch.Generator().manual_seed(3)
+    )
+    text = learner.text_features().detach()
+    draws = torch.stack(
+        [
+            clipper.noisy_text_feature_gradient(text, features[:0], labels[:0], {})[0]
+            for _ in range(8)
+        ]
+    )
+    measured = draws.std().item()
+    assert measured == pytest.approx(sigma * clip / expected_batch, rel=0.1)
+    assert draws.mean().abs().item() < 0.05 * measured
+
+
+def test_a_private_loss_that_bypasses_the_similarities_is_refused(miniature_backbone):
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    learner.private_sample_losses = lambda similarities, labels, image_features: (
+        F.cross_entropy(similarities, labels, reduction="none") + learner.text_features().sum()
+    )
+    features, labels = _batch(miniature_backbone)
+    with pytest.raises(ValueError, match="other than through the similarities"):
+        _clipper(learner, 1.0, expected_batch_size=8).private_gradient(features, labels, {})

@@ -1,0 +1,219 @@
+"""Update validation: each malformed reply is rejected with a reason naming its site, and the
+round aggregates the others (hand-made replies, hand-computed aggregates)."""
+
+import json
+import logging
+import re
+import time
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedprompt.config import compose_config
+from fedprompt.federation.client_app import app
+from fedprompt.federation.inprocess_grid import InProcessGrid
+from fedprompt.federation.orchestration import run_federation
+from fedprompt.federation.run_config import default_run_config
+from fedprompt.federation.validation import UpdateValidation
+
+SHAPE = (2, 3)
+REFERENCE = ArrayRecord({"ctx": Array(np.zeros(SHAPE, np.float32))})
+
+
+def _instruction(node: int, message_type: str = MessageType.TRAIN) -> Message:
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"instruction-{node}-{message_type}",
+        src_node_id=1,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
+    return Message(content=RecordDict(), metadata=metadata)
+
+
+def train_reply(node, value=1.0, num_examples=10, arrays=None, **metrics) -> Message:
+    """A site's train reply: ``ctx`` filled with ``value`` unless ``arrays`` says otherwise."""
+    arrays = arrays if arrays is not None else {"ctx": np.full(SHAPE, value, np.float32)}
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 0.5, **metrics}),
+        }
+    )
+    return Message(content, reply_to=_instruction(node))
+
+
+def evaluate_reply(node, accuracy=0.5, num_examples=10) -> Message:
+    metrics = MetricRecord({"num-examples": num_examples, "accuracy": accuracy})
+    return Message(
+        RecordDict({"metrics": metrics}), reply_to=_instruction(node, MessageType.EVALUATE)
+    )
+
+
+def _validator(rejections):
+    return UpdateValidation(
+        FedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1),
+        REFERENCE,
+        max_update_ratio=10.0,
+        site_name=lambda node: f"hospital-{node}",
+        on_reject=lambda *args: rejections.append(args),
+    )
+
+
+def _two_records(node):
+    reply = train_reply(node)
+    reply.content["more"] = ArrayRecord({"ctx": Array(np.ones(SHAPE, np.float32))})
+    return reply
+
+
+BAD_REPLIES = {
+    "two array records": (_two_records, "2 array records"),
+    "other keys": (
+        lambda n: train_reply(n, arrays={"ctx": np.ones(SHAPE, np.float32), "w": np.ones(1)}),
+        "tensors are \\['ctx', 'w'\\]",
+    ),
+    "other shape": (
+        lambda n: train_reply(n, arrays={"ctx": np.ones((3, 2), np.float32)}),
+        "is float32 \\(3, 2\\), expected float32 \\(2, 3\\)",
+    ),
+    "other dtype": (
+        lambda n: train_reply(n, arrays={"ctx": np.ones(SHAPE, np.float64)}),
+        "is float64 \\(2, 3\\), expected float32",
+    ),
+    "NaN": (lambda n: train_reply(n, value=np.nan), "NaN or Inf"),
+    "Inf": (lambda n: train_reply(n, value=np.inf), "NaN or Inf"),
+    "huge update": (lambda n: train_reply(n, value=1000.0), "update norm 2449 is above 10"),
+    "no examples": (lambda n: train_reply(n, num_examples=0), "not a positive number"),
+    "NaN metric": (lambda n: train_reply(n, **{"train-loss": float("nan")}), "not a finite"),
+    "other metrics": (lambda n: train_reply(n, extra=1.0), "metrics are"),
+}
+
+
+@pytest.mark.parametrize("fault", list(BAD_REPLIES))
+def test_a_bad_update_is_rejected_and_the_round_proceeds(fault, caplog):
+    make_bad, reason = BAD_REPLIES[fault]
+    rejections = []
+    good = [train_reply(2, value=1.0, num_examples=10), train_reply(3, value=2.0, num_examples=30)]
+    with caplog.at_level(logging.WARNING):
+        arrays, metrics = _validator(rejections).aggregate_train(4, [*good, make_bad(9)])
+    # (10 * 1.0 + 30 * 2.0) / 40, the two good sites' weighted mean
+    np.testing.assert_allclose(arrays["ctx"].numpy(), np.full(SHAPE, 1.75, np.float32))
+    assert metrics["train-loss"] == pytest.approx(0.5)
+    assert len(rejections) == 1
+    node, message_type, why = rejections[0]
+    assert node == 9 and message_type == MessageType.TRAIN
+    assert re.search(reason, why), why
+    assert "round 4: rejected the update of hospital-9" in caplog.text
+
+
+def test_the_norm_test_is_relative_to_the_other_sites():
+    rejections = []
+    replies = [train_reply(2, 1.0), train_reply(3, 2.0), train_reply(4, 14.0)]
+    arrays, _ = _validator(rejections).aggregate_train(1, replies)
+    assert rejections == []  # 14 is below 10 x the median of 1 and 2 (times sqrt 6 each)
+    np.testing.assert_allclose(arrays["ctx"].numpy(), (1.0 + 2.0 + 14.0) / 3)
+
+
+def test_updates_are_measured_from_the_prompt_that_was_sent(monkeypatch):
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)  # as a ServerApp process has it
+    rejections = []
+    validator = _validator(rejections)
+    sent = ArrayRecord({"ctx": Array(np.full(SHAPE, 100.0, np.float32))})
+
+    class Grid:
+        def get_node_ids(self):
+            return [2, 3, 4]
+
+    validator.configure_train(1, sent, ConfigRecord(), Grid())
+    # Near the sent prompt: small updates, except node 4's, which went back to 0.
+    replies = [train_reply(2, 100.5), train_reply(3, 101.0), train_reply(4, 0.0)]
+    arrays, _ = validator.aggregate_train(1, replies)
+    assert [r[0] for r in rejections] == [4]
+    np.testing.assert_allclose(arrays["ctx"].numpy(), 100.75)
+
+
+def test_the_aggregate_does_not_depend_on_arrival_order():
+    rng = np.random.default_rng(0)
+    values = [rng.normal(size=SHAPE).astype(np.float32) for _ in range(5)]
+    weights = [3, 7, 11, 13, 17]
+
+    def aggregate(order):
+        replies = [
+            train_reply(node, arrays={"ctx": values[node]}, num_examples=weights[node])
+            for node in order
+        ]
+        return _validator([]).aggregate_train(1, replies)[0]["ctx"].numpy()
+
+    first = aggregate([0, 1, 2, 3, 4])
+    for order in ([4, 3, 2, 1, 0], [2, 0, 4, 1, 3]):
+        assert np.array_equal(aggregate(order), first)  # bit for bit
+
+
+def test_failed_sites_pass_through_and_all_rejected_means_no_aggregate():
+    rejections = []
+    failed = Message(Error(code=2, reason="[hospital-5] gone"), reply_to=_instruction(5))
+    arrays, metrics = _validator(rejections).aggregate_train(
+        1, [failed, train_reply(2, value=np.nan)]
+    )
+    assert arrays is None and metrics is None
+    assert [r[0] for r in rejections] == [2]
+
+
+def test_bad_evaluation_replies_are_rejected():
+    rejections = []
+    with_tensors = evaluate_reply(4)
+    with_tensors.content["arrays"] = ArrayRecord({"ctx": Array(np.ones(SHAPE, np.float32))})
+    replies = [
+        evaluate_reply(2, accuracy=0.5, num_examples=10),
+        evaluate_reply(3, accuracy=1.0, num_examples=30),
+        evaluate_reply(5, accuracy=float("inf")),
+        with_tensors,
+    ]
+    metrics = _validator(rejections).aggregate_evaluate(1, replies)
+    assert metrics["accuracy"] == pytest.approx((0.5 * 10 + 1.0 * 30) / 40)
+    assert sorted(r[0] for r in rejections) == [4, 5]
+    assert all(r[1] == MessageType.EVALUATE for r in rejections)
+
+
+def test_a_site_that_sends_garbage_is_rejected_every_round_and_the_run_completes(tmp_path):
+    def garbage(message, context):
+        reply = app(message, context)
+        if message.metadata.message_type == MessageType.TRAIN:
+            arrays = reply.content["arrays"]
+            reply.content["arrays"] = ArrayRecord(
+                {key: Array(np.full(a.shape, np.nan, np.float32)) for key, a in arrays.items()}
+            )
+        return reply
+
+    overrides = ["federation.rounds=2", "train.local_epochs=1", f"output_dir={tmp_path}"]
+    grid = InProcessGrid(
+        [{"partition-id": i, "num-partitions": 3} for i in range(3)],
+        default_run_config("quickstart") | {"overrides": " ".join(overrides)},
+        apps={1: garbage},
+    )
+    summary = run_federation(grid, compose_config("quickstart", overrides))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        assert list(line["rejected"]) == ["site-1"]
+        assert "holds NaN or Inf" in line["rejected"]["site-1"]
+        assert line["num_trained"] == 2 and line["missing"] == {}
+        assert line["sites"]["site-1"]["train_loss"] is None  # its numbers are not counted
+    assert np.isfinite(summary["final"]["accuracy"])
