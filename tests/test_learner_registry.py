@@ -24,7 +24,7 @@ def test_coop_is_registered(miniature_backbone):
 
 
 def test_unknown_learner_lists_the_known_ones(miniature_backbone):
-    with pytest.raises(ValueError, match=r"unknown learner 'cocoop'.*coop"):
+    with pytest.raises(ValueError, match=r"unknown learner 'maple'.*coop"):
         create_learner("maple", miniature_backbone, CLASSES)
 
 
