@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from fedprompt.config import compose_config
 
-GROUPS: tuple[str, ...] = ("backbone", "dataset", "method", "partition")
+GROUPS: tuple[str, ...] = ("backbone", "dataset", "method", "partition", "strategy")
 
 LEAF_KEYS: tuple[str, ...] = (
     "seed",
