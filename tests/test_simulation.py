@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fedprompt.config import compose_config
@@ -85,3 +86,32 @@ def test_fedprompt_simulate_runs_through_flower(tmp_path):
     partitions = json.loads((out / "partitions.json").read_text())
     assert partitions["scheme"] == "dirichlet"
     assert summary["experiment"] == "quickstart"
+
+
+def _simulate(cwd: Path, overrides: list[str]) -> None:
+    command = [sys.executable, "-m", "fedprompt.cli", "simulate", "quickstart", *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _lines_without_time(folder: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.pop("seconds")
+    return lines
+
+
+def test_resume_through_flower_ends_as_the_uninterrupted_run(tmp_path):
+    common = ["strategy=fedadam", "federation.num_sites=2", "train.local_epochs=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _simulate(tmp_path, [*common, "federation.rounds=2", f"output_dir={straight}"])
+    _simulate(tmp_path, [*common, "federation.rounds=1", f"output_dir={resumed}"])
+    _simulate(
+        tmp_path, [*common, "federation.rounds=2", f"output_dir={resumed}", f"resume={resumed}"]
+    )
+    assert _lines_without_time(resumed) == _lines_without_time(straight)
+    ours = torch.load(resumed / "global_state.pt")
+    theirs = torch.load(straight / "global_state.pt")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert json.loads((resumed / "summary.json").read_text())["resumed_after_round"] == 1
