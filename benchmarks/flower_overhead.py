@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import subprocess
@@ -176,6 +177,7 @@ def main() -> None:
     if args.quick:
         args.sites, args.rounds, args.images_per_site = 2, 2, 4
     torch.set_num_threads(CLIENT_CPUS)
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # FedAvg logs every aggregation
 
     with tempfile.TemporaryDirectory(prefix="fedprompt-overhead-") as tmp:
         workdir = Path(tmp)
@@ -208,7 +210,7 @@ def main() -> None:
         f"{args.images_per_site} test images, batch 8, 1 local epoch, cached features "
         f"(filling the cache took {warm_up:.1f} s)"
     )
-    print(f"  round through Flower (median of rounds 2..{args.rounds}):   {through_flower:6.2f} s")
+    print(f"  round through Flower (median of rounds 2..{args.rounds}):  {through_flower:6.2f} s")
     print(f"  through the ClientApp in this process (median of 4): {in_process:6.2f} s")
     print(f"  the same work without Flower (median of 4):          {direct:6.2f} s")
     print(
