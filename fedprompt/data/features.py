@@ -54,7 +54,7 @@ class FeatureSettings:
     augmentation: AugmentationSettings = field(default_factory=AugmentationSettings)
     memory_mb: float = 1024.0
     patch_tokens_budget_mb: float = 2048.0
-    batch_size: int = 128
+    batch_size: int = 32
     num_workers: int = 0
 
     @classmethod
