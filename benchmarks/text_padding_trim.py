@@ -1,6 +1,6 @@
 """Times CoOp's text-feature pass on BiomedCLIP's architecture, trimmed vs padded to 256 tokens.
 
-Usage: python benchmarks/text_padding_trim.py [--repeats 7] [--warmup 2] [--threads N]
+Usage: python benchmarks/text_padding_trim.py [--quick] [--repeats 7] [--warmup 2] [--threads N]
 
 Runs on ``biomedclip-random`` (BiomedCLIP's architecture with random weights, no download) on the
 CPU, with the four BTMRI class prompts. Both variants run in the same process, interleaved, and the
@@ -56,10 +56,13 @@ def _median_seconds(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 repeats after 1 warm-up")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.warmup = 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
