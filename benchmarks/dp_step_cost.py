@@ -14,33 +14,19 @@ and the median of the repeats is reported.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from common import BTMRI_CLASSES, interleaved_seconds, median
 
 from fedprompt.backbones import load_backbone
 from fedprompt.learners import create_learner
 from fedprompt.privacy import ExactClipping, TextFeatureClipping
 
-BTMRI_CLASSES = ["glioma tumor", "meningioma tumor", "pituitary tumor", "normal brain"]
 
-
-def _median_seconds(
-    runs: dict[str, Callable[[], None]], repeats: int, warmup: int
-) -> dict[str, float]:
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):  # interleaved, so that drifts of the machine hit all alike
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+def _medians(runs: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+    return {name: median(t) for name, t in interleaved_seconds(runs, repeats, warmup).items()}
 
 
 def main() -> None:
@@ -83,7 +69,7 @@ def main() -> None:
         return run
 
     learner.train()
-    seconds = _median_seconds(
+    seconds = _medians(
         {
             "non-private": plain,
             "dp text-feature clipping": private(text_clipping),

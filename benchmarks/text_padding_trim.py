@@ -11,16 +11,17 @@ backward to the context (one CoOp training step's text-tower cost).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from common import BTMRI_CLASSES, interleaved_seconds, median
 
 from fedprompt.backbones import load_backbone
 from fedprompt.text import PromptTextEncoder
 
-BTMRI_CLASSES = ["glioma tumor", "meningioma tumor", "pituitary tumor", "normal brain"]
+
+def _medians(runs: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+    return {name: median(t) for name, t in interleaved_seconds(runs, repeats, warmup).items()}
 
 
 def _forward(encoder: PromptTextEncoder, ctx: torch.Tensor) -> Callable[[], None]:
@@ -37,21 +38,6 @@ def _forward_backward(encoder: PromptTextEncoder, ctx: torch.Tensor) -> Callable
         encoder.encode(ctx).square().sum().backward()
 
     return run
-
-
-def _median_seconds(
-    runs: dict[str, Callable[[], None]], repeats: int, warmup: int
-) -> dict[str, float]:
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):  # interleaved, so that drifts of the machine hit both alike
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -85,7 +71,7 @@ def main() -> None:
     print(f"median of {args.repeats} repeats after {args.warmup} warm-up runs:")
     for label, make in (("forward", _forward), ("forward+backward", _forward_backward)):
         runs = {"trimmed": make(trimmed, ctx), "padded": make(padded, ctx)}
-        seconds = _median_seconds(runs, args.repeats, args.warmup)
+        seconds = _medians(runs, args.repeats, args.warmup)
         print(
             f"  {label:<17} trimmed {seconds['trimmed'] * 1e3:8.1f} ms   "
             f"padded {seconds['padded'] * 1e3:8.1f} ms   "
