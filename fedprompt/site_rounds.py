@@ -9,21 +9,27 @@ here), and the encoded image features (``PROCESS_FEATURE_CACHE``, in memory with
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.backbones import Backbone, load_backbone
+from fedprompt.config import ConfigError
 from fedprompt.data.features import PROCESS_FEATURE_CACHE, CachedViews, FeatureSettings
 from fedprompt.data.image_set import DatasetSplits
 from fedprompt.data.partition import SitePartition
 from fedprompt.data.sites import SiteData, load_splits, plan_sites, site_data
+from fedprompt.evaluation.membership_inference import membership_inference_auc
 from fedprompt.evaluation.metrics import ClassificationMetrics
 from fedprompt.learners import Learner, create_learner
-from fedprompt.training import TrainStats, evaluate, required_inputs, train_local
+from fedprompt.privacy.dp_training import dp_train_local
+from fedprompt.privacy.ledger import SiteLedger, load_or_plan_ledger
+from fedprompt.training import ProximalTerm, TrainStats, evaluate, required_inputs, train_local
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,37 +123,131 @@ def open_site(cfg: DictConfig, site_index: int) -> SiteSession:
     return SiteSession(cfg, backbone_for(cfg), site_data(cfg, splits, plan, site_index))
 
 
+def round_seed(cfg: DictConfig, server_round: int, site_index: int) -> int:
+    """The seed of a site's round: batch order, views, and DP draws where deterministic."""
+    return int(
+        np.random.SeedSequence([int(cfg.seed), server_round, site_index]).generate_state(1)[0]
+    )
+
+
+def privacy_mode(cfg: DictConfig) -> str:
+    """The run's ``privacy.name`` (``none`` where a config has no privacy section)."""
+    section = cfg.get("privacy")
+    return "none" if section is None else str(section.name)
+
+
 def train_round(
     cfg: DictConfig,
     site_index: int,
     global_state: Mapping[str, torch.Tensor | np.ndarray],
     server_round: int,
+    *,
+    proximal_mu: float = 0.0,
+    ledger: SiteLedger | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainStats]:
     """Train the global prompt on this site's images; return the new trainable state.
 
     Patch tokens are cached only when the configured learner's ``required_inputs`` name them; a
     learner with nothing to train (``needs_training`` false) encodes nothing and takes no step.
+    With a privacy ``ledger`` the round is sample-level DP-SGD (``dp_train_local``) counted
+    against it, and the stats are ``DPTrainStats``; with FedProx's ``proximal_mu`` the learner's
+    loss gets the proximal term.
+
+    Raises:
+        ConfigError: DP-SGD together with FedProx (the proximal term is not wired into the
+            private step).
     """
     session = open_site(cfg, site_index)
     learner = session.learner(global_state)
     if not getattr(learner, "needs_training", True):
         return learner.trainable_state(), TrainStats(0.0, len(session.data.train), 0, 0.0)
     views = session.training_views(patch_tokens="patch_tokens" in required_inputs(learner))
-    seed = int(
-        np.random.SeedSequence([int(cfg.seed), server_round, site_index]).generate_state(1)[0]
-    )
+    seed = round_seed(cfg, server_round, site_index)
     torch.manual_seed(seed)
+    if ledger is not None:
+        if proximal_mu > 0:
+            raise ConfigError(
+                "privacy=dpsgd does not combine with strategy=fedprox; choose fedavg or fedadam."
+            )
+        privacy = OmegaConf.to_container(cfg.privacy, resolve=True)
+        assert isinstance(privacy, dict)
+        stats: TrainStats = dp_train_local(
+            learner,
+            views.features,
+            views.labels,
+            cfg.train,
+            privacy,
+            ledger,
+            seed,
+            patch_tokens=views.patch_tokens,
+        )
+        return learner.trainable_state(), stats
+    trainee = ProximalTerm(learner, proximal_mu) if proximal_mu > 0 else learner
     stats = train_local(
-        learner, views.features, views.labels, cfg.train, seed, patch_tokens=views.patch_tokens
+        trainee,  # type: ignore[arg-type]
+        views.features,
+        views.labels,
+        cfg.train,
+        seed,
+        patch_tokens=views.patch_tokens,
     )
     return learner.trainable_state(), stats
 
 
-def evaluate_round(
-    cfg: DictConfig, site_index: int, global_state: Mapping[str, torch.Tensor | np.ndarray]
-) -> ClassificationMetrics:
-    """Metrics of the global prompt on this site's own test images."""
-    session = open_site(cfg, site_index)
+def plan_ledger(
+    cfg: DictConfig,
+    site_index: int,
+    *,
+    state: Mapping[str, Any] | None = None,
+    path: str | os.PathLike | None = None,
+) -> SiteLedger | None:
+    """The site's privacy ledger under ``privacy=dpsgd`` (saved or newly planned), else None."""
+    if privacy_mode(cfg) != "dpsgd":
+        return None
+    privacy = OmegaConf.to_container(cfg.privacy, resolve=True)
+    assert isinstance(privacy, dict)
+    num_records = len(open_site(cfg, site_index).data.train)
+    return load_or_plan_ledger(
+        privacy,
+        cfg.train,
+        int(cfg.federation.rounds),
+        num_records,
+        state=state,
+        path=path,
+    )
+
+
+@dataclass(frozen=True)
+class SiteEvaluation:
+    """A site's scores of the global prompt: test metrics, and the membership attack's AUC."""
+
+    metrics: ClassificationMetrics
+    mia_auc: float | None = None
+
+
+def evaluate_session(
+    session: SiteSession, global_state: Mapping[str, torch.Tensor | np.ndarray]
+) -> SiteEvaluation:
+    """Score the global prompt on the session's test images.
+
+    With ``evaluation.membership_inference`` the site also attacks the prompt with a
+    loss-threshold membership inference, its training images as members and its test images as
+    non-members; the per-record losses stay here and only the AUC is reported.
+    """
     features, labels = session.features("test")
     learner = session.learner(global_state)
-    return evaluate(learner, features, labels, len(session.data.classnames))
+    metrics = evaluate(learner, features, labels, len(session.data.classnames))
+    if not session.cfg.evaluation.get("membership_inference", False):
+        return SiteEvaluation(metrics)
+    members, member_labels = session.features("train")
+    attack = membership_inference_auc(
+        learner, members, member_labels, features, labels, seed=int(session.cfg.seed)
+    )
+    return SiteEvaluation(metrics, attack.auc)
+
+
+def evaluate_round(
+    cfg: DictConfig, site_index: int, global_state: Mapping[str, torch.Tensor | np.ndarray]
+) -> SiteEvaluation:
+    """Scores of the global prompt on this site's own test images."""
+    return evaluate_session(open_site(cfg, site_index), global_state)

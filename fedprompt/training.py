@@ -189,3 +189,32 @@ def evaluate(
 ) -> ClassificationMetrics:
     """Accuracy, balanced accuracy and macro-F1 of the learner's current prompt."""
     return classification_metrics(labels.numpy(), predict(learner, features), num_classes)
+
+
+class ProximalTerm(torch.nn.Module):
+    """FedProx's site objective (Li et al., MLSys 2020): loss + (mu / 2) * ||w - w_global||^2.
+
+    Wraps a learner for ``train_local``: the same parameters, the loss with the proximal term.
+    """
+
+    def __init__(self, learner: Learner, mu: float) -> None:
+        super().__init__()
+        self.learner = learner
+        self.mu = mu
+        self.anchor = {name: p.detach().clone() for name, p in self._trainable()}
+        self.required_inputs = required_inputs(learner)
+
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.learner.named_parameters() if p.requires_grad]
+
+    @property
+    def backbone(self) -> Any:
+        """The wrapped learner's frozen backbone (a plain attribute, never a submodule)."""
+        return self.learner.backbone
+
+    def loss(
+        self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor
+    ) -> torch.Tensor:
+        """The learner's loss plus the proximal term."""
+        distance = sum(((p - self.anchor[n]) ** 2).sum() for n, p in self._trainable())
+        return self.learner.loss(image_features, labels, **extras) + 0.5 * self.mu * distance

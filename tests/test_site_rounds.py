@@ -104,6 +104,23 @@ def test_patch_tokens_are_cached_only_for_learners_that_need_them(data_root, tmp
     assert len(list((tmp_path / "features").rglob("*.tokens.pt"))) == 3
 
 
+def test_fedprox_keeps_the_learners_views_and_patch_tokens(data_root, tmp_path, monkeypatch):
+    cfg = _cfg(data_root, tmp_path / "features", "features.views=3")
+    state = _global_state(cfg)
+    monkeypatch.setattr(
+        site_rounds, "build_learner", lambda cfg, backbone, names: _NeedsTokens(backbone, names)
+    )
+    _NeedsTokens.seen.clear()
+    plain, _ = train_round(cfg, 1, state, server_round=1)
+    _NeedsTokens.seen.clear()
+    proximal, _ = train_round(cfg, 1, state, server_round=1, proximal_mu=10.0)
+    assert _NeedsTokens.seen and all(
+        shapes["views"][1] == 3 and "patch_tokens" in shapes for shapes in _NeedsTokens.seen
+    )
+    # The proximal term pulls the prompt toward the global one.
+    assert (proximal["ctx"] - state["ctx"]).norm() < (plain["ctx"] - state["ctx"]).norm()
+
+
 def test_a_learner_with_nothing_to_train_encodes_nothing(data_root, tmp_path, monkeypatch):
     cfg = _cfg(data_root, tmp_path / "features")
     state = _global_state(cfg)

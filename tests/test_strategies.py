@@ -10,9 +10,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from test_validation import SHAPE, train_reply
 
 from fedprompt.config import ConfigError, compose_config, list_choices
-from fedprompt.federation.local_site import ProximalTerm
 from fedprompt.federation.strategies import STRATEGIES, FedAdam, build_strategy
 from fedprompt.site_rounds import backbone_for, build_learner
+from fedprompt.training import ProximalTerm
 
 
 class ThreeNodes:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import logging
-from logging import ERROR
+from logging import ERROR, WARNING
 
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
@@ -22,6 +30,9 @@ from fedprompt.federation.local_site import (
     train_site,
 )
 from fedprompt.federation.run_config import config_from_run_config
+from fedprompt.federation.site_level_dp import SITE_WEIGHT_KEY, site_level_clipping_mod
+from fedprompt.privacy.dp_training import DPTrainStats
+from fedprompt.site_rounds import privacy_mode
 from fedprompt.user_errors import USER_ERRORS
 
 # Flower prints through its own handler. Without a handler on the root logger, the first library
@@ -29,7 +40,10 @@ from fedprompt.user_errors import USER_ERRORS
 # Flower line is printed twice.
 logging.getLogger().addHandler(logging.NullHandler())
 
-app = ClientApp()
+app = ClientApp(mods=[site_level_clipping_mod])
+
+LEDGER_KEY = "privacy-ledger"
+"""The node-state record holding the site's ``SiteLedger`` between rounds."""
 
 # Errors about configuration rather than images: their sentence is safe to send to the server.
 SHAREABLE_ERRORS: tuple[type[Exception], ...] = (
@@ -48,6 +62,11 @@ def _open(context: Context) -> NodeSite:
 def _identity(site: NodeSite) -> dict[str, int]:
     """The simulated site's partition index, by which the server names it (deployment: none)."""
     return {} if site.deployed else {"site-index": site.index}
+
+
+def _site_weight(site: NodeSite) -> dict[str, int]:
+    """Under site-level DP every site weighs the same in the average (``SITE_WEIGHT_KEY``)."""
+    return {SITE_WEIGHT_KEY: 1} if privacy_mode(site.cfg) == "site_level" else {}
 
 
 def refusal(msg: Message, context: Context, err: Exception) -> Message:
@@ -72,31 +91,52 @@ def refusal(msg: Message, context: Context, err: Exception) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global prompt on this site's images and send back its tensors only."""
+    """Train the received global prompt on this site's images and send back its tensors only.
+
+    Under ``privacy=dpsgd`` the site's ledger lives in the node's state between rounds (and on
+    disk beside its checkpoint); the reply then carries the privacy spent (``dp-*``) and no
+    training loss, which the DP guarantee does not cover. A site whose budget is spent says so
+    (``dp-budget-exhausted``) and the server leaves its reply out of the aggregate.
+    """
     try:
         site = _open(context)
         config = msg.content["config"]
         server_round = int(config["server-round"])
-        state, stats = train_site(
+        saved = context.state.config_records.get(LEDGER_KEY)
+        state, stats, ledger = train_site(
             site,
             msg.content["arrays"].to_torch_state_dict(),
             server_round,
             proximal_mu=float(config.get("proximal-mu", 0.0)),
+            ledger_state=dict(saved) if saved is not None else None,
         )
     except USER_ERRORS as err:
         return refusal(msg, context, err)
+    if ledger is not None:
+        context.state[LEDGER_KEY] = ConfigRecord(ledger.to_dict())
     if site.releases is not None:
         site.releases.record(context.run_id, server_round, stats.num_examples)
-    metrics = MetricRecord(
-        {
-            "num-examples": stats.num_examples,
-            **_identity(site),
-            "train-loss": stats.loss,
-            "train-steps": stats.steps,
-            "train-seconds": stats.seconds,
-        }
-    )
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics})
+    values: dict[str, float | int] = {
+        "num-examples": stats.num_examples,
+        **_identity(site),
+        **_site_weight(site),
+        "train-steps": stats.steps,
+        "train-seconds": stats.seconds,
+    }
+    if isinstance(stats, DPTrainStats):
+        values.update(stats.metrics())
+        if stats.budget_exhausted:
+            log(
+                WARNING,
+                "[fedprompt] site %s stops training: one more round would take its epsilon "
+                "past privacy.epsilon=%s (spent %.3f).",
+                site.name,
+                ledger.target_epsilon if ledger is not None else "?",
+                stats.epsilon,
+            )
+    else:
+        values["train-loss"] = stats.loss
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(values)})
     return Message(content=content, reply_to=msg)
 
 
@@ -108,13 +148,14 @@ def evaluate(msg: Message, context: Context) -> Message:
         result = evaluate_site(site, msg.content["arrays"].to_torch_state_dict())
     except USER_ERRORS as err:
         return refusal(msg, context, err)
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_test,
-            **_identity(site),
-            "accuracy": result.accuracy,
-            "balanced-accuracy": result.balanced_accuracy,
-            "macro-f1": result.macro_f1,
-        }
-    )
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    values: dict[str, float | int] = {
+        "num-examples": result.metrics.num_test,
+        **_identity(site),
+        **_site_weight(site),
+        "accuracy": result.metrics.accuracy,
+        "balanced-accuracy": result.metrics.balanced_accuracy,
+        "macro-f1": result.metrics.macro_f1,
+    }
+    if result.mia_auc is not None:
+        values["mia-auc"] = result.mia_auc
+    return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)

@@ -28,17 +28,18 @@ from fedprompt.data.site_check import (
     site_dataset_config,
 )
 from fedprompt.data.sites import site_data
-from fedprompt.evaluation.metrics import ClassificationMetrics
-from fedprompt.learners import Learner
+from fedprompt.privacy.ledger import SiteLedger
 from fedprompt.site_rounds import (
+    SiteEvaluation,
     SiteSession,
     backbone_for,
     evaluate_round,
-    open_site,
+    evaluate_session,
+    plan_ledger,
     splits_and_plan,
     train_round,
 )
-from fedprompt.training import TrainStats, evaluate, train_local
+from fedprompt.training import TrainStats
 
 SITE_CONFIG_KEY = "site-config"
 PARTITION_KEY = "partition-id"
@@ -76,9 +77,9 @@ class NodeSite:
     def privacy_ledger_path(self) -> Path | None:
         """Where the site's privacy ledger is kept between rounds, runs and restarts.
 
-        The hook for the privacy layer: its ``SiteLedger`` is loaded from here
-        (``load_or_plan_ledger(..., path=site.privacy_ledger_path)``) before the site trains
-        and saved here after, so a resumed run never forgets budget already spent.
+        Under ``privacy=dpsgd`` the site's ``SiteLedger`` is loaded from here before the site
+        trains and saved here after (``train_site``), so a resumed run never forgets budget
+        already spent.
         """
         return self.state_dir / "privacy_ledger.json" if self.state_dir else None
 
@@ -193,64 +194,34 @@ def site_label(node_config: Mapping[str, Any]) -> str:
     return "unnamed site"
 
 
-class ProximalTerm(torch.nn.Module):
-    """FedProx's site objective (Li et al., MLSys 2020): loss + (mu / 2) * ||w - w_global||^2.
-
-    Wraps a learner for ``train_local``: the same parameters, the loss with the proximal term.
-    """
-
-    def __init__(self, learner: Learner, mu: float) -> None:
-        super().__init__()
-        self.learner = learner
-        self.mu = mu
-        self.anchor = {name: p.detach().clone() for name, p in self._trainable()}
-
-    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.learner.named_parameters() if p.requires_grad]
-
-    @property
-    def backbone(self) -> Any:
-        """The wrapped learner's frozen backbone (a plain attribute, never a submodule)."""
-        return self.learner.backbone
-
-    def loss(
-        self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor
-    ) -> torch.Tensor:
-        """The learner's loss plus the proximal term."""
-        distance = sum(((p - self.anchor[n]) ** 2).sum() for n, p in self._trainable())
-        return self.learner.loss(image_features, labels, **extras) + 0.5 * self.mu * distance
-
-
 def train_site(
     site: NodeSite,
     global_state: Mapping[str, torch.Tensor | np.ndarray],
     server_round: int,
     proximal_mu: float = 0.0,
-) -> tuple[dict[str, torch.Tensor], TrainStats]:
-    """Train the global prompt on the site's images; return the new trainable state.
+    ledger_state: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, torch.Tensor], TrainStats, SiteLedger | None]:
+    """Train the global prompt on the site's images; return the new state and the site's ledger.
 
-    ``site_rounds.train_round`` does the work. With FedProx's ``proximal_mu`` the learner is
-    wrapped in ``ProximalTerm`` and trained on the site's un-augmented features, with the same
-    per-round seed.
+    ``site_rounds.train_round`` does the work. Under ``privacy=dpsgd`` the site's ledger is the
+    one kept in the node's state (``ledger_state``) or beside its checkpoint
+    (``privacy_ledger_path``), whichever has spent more, else a newly planned one; it is saved
+    back to that file before the update leaves the site, so a crash can only over-count.
     """
-    if proximal_mu <= 0:
-        return train_round(site.cfg, site.index, global_state, server_round)
-    session = open_site(site.cfg, site.index)
-    features, labels = session.features("train")
-    learner = session.learner(global_state)
-    seed = int(
-        np.random.SeedSequence([int(site.cfg.seed), server_round, site.index]).generate_state(1)[0]
+    path = site.privacy_ledger_path
+    ledger = plan_ledger(site.cfg, site.index, state=ledger_state, path=path)
+    state, stats = train_round(
+        site.cfg, site.index, global_state, server_round, proximal_mu=proximal_mu, ledger=ledger
     )
-    torch.manual_seed(seed)
-    trainee = ProximalTerm(learner, proximal_mu)
-    stats = train_local(trainee, features, labels, site.cfg.train, seed)  # type: ignore[arg-type]
-    return learner.trainable_state(), stats
+    if ledger is not None and path is not None:
+        ledger.save(path)
+    return state, stats, ledger
 
 
 def evaluate_site(
     site: NodeSite, global_state: Mapping[str, torch.Tensor | np.ndarray]
-) -> ClassificationMetrics:
-    """Metrics of the global prompt on the site's own test images (a hospital's: all of them)."""
+) -> SiteEvaluation:
+    """Scores of the global prompt on the site's own test images (a hospital's: all of them)."""
     if not site.deployed:
         return evaluate_round(site.cfg, site.index, global_state)
     splits, _ = splits_and_plan(site.cfg)
@@ -260,7 +231,4 @@ def evaluate_site(
         test=[np.arange(len(splits.test))],
     )
     data = site_data(site.cfg, splits, whole, 0)
-    session = SiteSession(site.cfg, backbone_for(site.cfg), data)
-    features, labels = session.features("test")
-    learner = session.learner(global_state)
-    return evaluate(learner, features, labels, len(data.classnames))
+    return evaluate_session(SiteSession(site.cfg, backbone_for(site.cfg), data), global_state)

@@ -78,6 +78,7 @@ class SiteTraffic:
     evaluate: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    withheld: list[str] = field(default_factory=list)
     instructed: list[str] = field(default_factory=list)
     answered: list[str] = field(default_factory=list)
 
@@ -194,6 +195,10 @@ class MeteredGrid(Grid):
         """Note that validation refused this node's reply (see ``UpdateValidation``)."""
         kind = "update" if message_type == MessageType.TRAIN else "evaluation"
         self._traffic(node_id).rejected.append(f"{kind} rejected: {reason}")
+
+    def record_withheld(self, node_id: int, reason: str) -> None:
+        """Note that a site's well-formed update was left out of the aggregate, and why."""
+        self._traffic(node_id).withheld.append(reason)
 
     def take_round(self) -> RoundTraffic:
         """This round's traffic by node id and the nodes seen connected; starts the next round."""

@@ -34,12 +34,26 @@ from fedprompt.federation.checkpoint import (
     resumable_checkpoint,
 )
 from fedprompt.federation.metered_grid import MeteredGrid, SiteDirectory
-from fedprompt.federation.run_monitor import CentralEvaluation, RunMonitor
+from fedprompt.federation.run_monitor import DP_KEYS, CentralEvaluation, RunMonitor
+from fedprompt.federation.site_level_dp import (
+    SITE_WEIGHT_KEY,
+    SiteLevelStrategy,
+    replay_releases,
+    site_level_spent,
+    wrap_site_level,
+)
 from fedprompt.federation.strategies import build_strategy
 from fedprompt.federation.validation import UpdateValidation
 from fedprompt.learners import Learner
+from fedprompt.privacy.dp_training import privacy_summary
 from fedprompt.results import ResultsFolder
-from fedprompt.site_rounds import backbone_for, build_learner, splits_and_plan
+from fedprompt.site_rounds import (
+    backbone_for,
+    build_learner,
+    feature_settings,
+    privacy_mode,
+    splits_and_plan,
+)
 from fedprompt.training import evaluate
 
 MODES = ("simulation", "deployment")
@@ -119,6 +133,8 @@ def _final_metrics(lines: list[dict[str, Any]]) -> dict[str, Any]:
         }
         final["source"] = "federated"
     final["federated_accuracy"] = last["federated_accuracy"]
+    attacks = [s["mia_auc"] for s in last["sites"].values() if s.get("mia_auc") is not None]
+    final["mia_auc"] = sum(attacks) / len(attacks) if attacks else None
     final["per_site"] = per_site
     return final
 
@@ -143,7 +159,7 @@ def _simulation_setup(
     central = None
     if cfg.evaluation.central:
         features, labels = PROCESS_FEATURE_CACHE.get(
-            backbone, splits.test, int(cfg.evaluation.batch_size), "global test features"
+            backbone, splits.test, feature_settings(cfg).batch_size, "global test features"
         )
 
         def central(arrays: ArrayRecord) -> ClassificationMetrics:
@@ -169,21 +185,54 @@ def _deployment_setup(
 
 def _strategy(
     cfg: DictConfig, reference: ArrayRecord, grid: MeteredGrid, min_available: int
-) -> Strategy:
-    aggregator = build_strategy(
+) -> tuple[Strategy, SiteLevelStrategy | None]:
+    """Validation around the configured strategy (inside Flower's DP wrapper for site-level DP).
+
+    Returns the strategy and, under ``privacy=site_level``, the DP wrapper whose accountant
+    holds the run's site-level epsilon.
+    """
+    site_level = privacy_mode(cfg) == "site_level"
+    if site_level and float(cfg.federation.fraction_train) != 1.0:
+        raise ConfigError(
+            "privacy=site_level accounts every site in every round; set "
+            "federation.fraction_train=1.0."
+        )
+    aggregator: Strategy = build_strategy(
         OmegaConf.to_container(cfg.strategy, resolve=True),  # type: ignore[arg-type]
         fraction_train=float(cfg.federation.fraction_train),
         fraction_evaluate=float(cfg.federation.fraction_evaluate),
         min_nodes=int(cfg.federation.min_sites),
         min_available_nodes=min_available,
+        weighted_by_key=SITE_WEIGHT_KEY if site_level else "num-examples",
     )
-    return UpdateValidation(
+    wrapper = None
+    if site_level:
+        privacy = OmegaConf.to_container(cfg.privacy, resolve=True)
+        assert isinstance(privacy, dict)
+        wrapper = wrap_site_level(aggregator, privacy, int(cfg.federation.num_sites))
+        aggregator = wrapper
+    validation = UpdateValidation(
         aggregator,
         reference,
         max_update_ratio=float(cfg.federation.max_update_ratio),
         site_name=grid.sites.name,
         on_reject=grid.record_rejection,
+        on_withhold=grid.record_withheld,
     )
+    return validation, wrapper
+
+
+def _privacy_summary(cfg: DictConfig, lines: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Each DP-SGD site's privacy at the end of the run, from the last round it reported it."""
+    if privacy_mode(cfg) != "dpsgd":
+        return None
+    latest: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        for name, site in line["sites"].items():
+            if site.get("dp_epsilon") is not None:
+                latest[name] = {f"dp-{key.replace('_', '-')}": site[f"dp_{key}"] for key in DP_KEYS}
+    accountant = str(cfg.privacy.accountant)
+    return {name: privacy_summary(latest[name], accountant) for name in sorted(latest)}
 
 
 def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
@@ -217,7 +266,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     else:
         wait_for_sites(metered, num_sites, connect_timeout, min_sites=min_sites)
         min_available = min_sites
-    strategy = _strategy(cfg, reference, metered, min_available)
+    strategy, site_level = _strategy(cfg, reference, metered, min_available)
 
     rounds = int(cfg.federation.rounds)
     done, lines, initial, arrays = 0, [], None, reference
@@ -228,10 +277,20 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         arrays = ArrayRecord(checkpoint.global_state)
         load_strategy_state(strategy, checkpoint.strategy_state)
         restore_random_state(checkpoint.random_state)
+        if site_level is not None and lines and lines[-1].get("site_level_privacy"):
+            replay_releases(site_level, int(lines[-1]["site_level_privacy"]["releases"]))
         log(INFO, "[fedprompt] resuming after round %d of %d", done, rounds)
         strategy = RoundOffset(strategy, done)
     monitor = RunMonitor(
-        results, metered, rounds, central, strategy, lines, round_offset=done, initial=initial
+        results,
+        metered,
+        rounds,
+        central,
+        strategy,
+        lines,
+        round_offset=done,
+        initial=initial,
+        site_level_privacy=(lambda: site_level_spent(site_level)) if site_level else None,
     )
     if rounds > done:
         strategy.start(
@@ -267,7 +326,8 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
                 p.numel() * p.element_size() for p in backbone.model.parameters()
             ),
         },
-        "privacy": None,
+        "privacy": _privacy_summary(cfg, lines),
+        "site_level_privacy": lines[-1].get("site_level_privacy") if lines else None,
         "wall_seconds": time.perf_counter() - started,
     }
     results.write_json("summary.json", summary)

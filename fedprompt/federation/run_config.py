@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from fedprompt.config import compose_config
 
-GROUPS: tuple[str, ...] = ("backbone", "dataset", "method", "partition", "strategy")
+GROUPS: tuple[str, ...] = ("backbone", "dataset", "method", "partition", "strategy", "privacy")
 
 LEAF_KEYS: tuple[str, ...] = (
     "seed",
@@ -39,6 +39,8 @@ LEAF_KEYS: tuple[str, ...] = (
     "train.batch_size",
     "train.lr",
     "evaluation.central",
+    "evaluation.membership_inference",
+    "privacy.epsilon",
 )
 
 RUN_CONFIG_KEYS: tuple[str, ...] = (

@@ -25,23 +25,35 @@ def _weighted(values: Sequence[tuple[float, float]]) -> float | None:
     return sum(value * weight for value, weight in values) / total if total else None
 
 
+DP_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps")
+"""The privacy a DP-SGD site reports each round, as ``dp_<key>`` in its line (``dp-<key>`` sent)."""
+
+
 def _site_line(traffic: SiteTraffic) -> dict[str, Any]:
     rejected_train = any(r.startswith("update") for r in traffic.rejected)
     rejected_evaluate = any(r.startswith("evaluation") for r in traffic.rejected)
     train = {} if rejected_train else traffic.train
     evaluate = {} if rejected_evaluate else traffic.evaluate
-    return {
+    line = {
         "train_loss": train.get("train-loss"),
         "num_train": train.get("num-examples"),
         "accuracy": evaluate.get("accuracy"),
         "balanced_accuracy": evaluate.get("balanced-accuracy"),
         "macro_f1": evaluate.get("macro-f1"),
         "num_test": evaluate.get("num-examples"),
-        "bytes_up": traffic.bytes_up,
-        "bytes_down": traffic.bytes_down,
-        "errors": traffic.errors,
-        "rejected": traffic.rejected,
+        "mia_auc": evaluate.get("mia-auc"),
     }
+    line.update({f"dp_{key}": train.get(f"dp-{key.replace('_', '-')}") for key in DP_KEYS})
+    line.update(
+        {
+            "bytes_up": traffic.bytes_up,
+            "bytes_down": traffic.bytes_down,
+            "errors": traffic.errors,
+            "rejected": traffic.rejected,
+            "withheld": traffic.withheld,
+        }
+    )
+    return line
 
 
 def _kb(num_bytes: float) -> str:
@@ -60,6 +72,8 @@ class RunMonitor:
         lines: The lines of rounds already run (a resumed run continues them).
         round_offset: Rounds completed before this session started (a resumed run).
         initial: Central metrics before round 1, as a resumed run's checkpoint kept them.
+        site_level_privacy: The run's site-level epsilon so far (``privacy=site_level``), for
+            each round's line.
     """
 
     def __init__(
@@ -72,6 +86,7 @@ class RunMonitor:
         lines: Sequence[dict[str, Any]] = (),
         round_offset: int = 0,
         initial: dict[str, Any] | None = None,
+        site_level_privacy: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.results = results
         self.grid = grid
@@ -81,6 +96,7 @@ class RunMonitor:
         self.lines: list[dict[str, Any]] = list(lines)
         self.round_offset = round_offset
         self.initial = initial
+        self.site_level_privacy = site_level_privacy
         self._known: set[int] = set()
         self._round_start = time.perf_counter()
 
@@ -126,12 +142,16 @@ class RunMonitor:
         rejected = {
             name(node): "; ".join(t.rejected) for node, t in traffic.nodes.items() if t.rejected
         }
+        withheld = {
+            name(node): "; ".join(t.withheld) for node, t in traffic.nodes.items() if t.withheld
+        }
         evaluated = [s for s in sites.values() if s["accuracy"] is not None]
-        trained = [s for s in sites.values() if s["train_loss"] is not None]
+        trained = [s for s in sites.values() if s["num_train"] is not None and not s["withheld"]]
+        losses = [(s["train_loss"], s["num_train"]) for s in trained if s["train_loss"] is not None]
         return {
             "round": run_round,
             "seconds": time.perf_counter() - self._round_start,
-            "train_loss": _weighted([(s["train_loss"], s["num_train"]) for s in trained]),
+            "train_loss": _weighted(losses),
             "federated_accuracy": _weighted([(s["accuracy"], s["num_test"]) for s in evaluated]),
             "central": central,
             "bytes_up": sum(s["bytes_up"] for s in sites.values()),
@@ -139,6 +159,8 @@ class RunMonitor:
             "num_trained": len(trained),
             "missing": dict(sorted(missing.items())),
             "rejected": dict(sorted(rejected.items())),
+            "withheld": dict(sorted(withheld.items())),
+            "site_level_privacy": self.site_level_privacy() if self.site_level_privacy else None,
             "sites": dict(sorted(sites.items())),
         }
 
@@ -146,6 +168,8 @@ class RunMonitor:
         parts = [f"[fedprompt] round {line['round']}/{self.num_rounds}"]
         if line["train_loss"] is not None:
             parts.append(f"train loss {line['train_loss']:.4f} ({line['num_trained']} sites)")
+        else:
+            parts.append(f"{line['num_trained']} sites trained")
         if line["federated_accuracy"] is not None:
             parts.append(f"federated acc {100 * line['federated_accuracy']:.1f}%")
         if line["central"]:
@@ -156,6 +180,13 @@ class RunMonitor:
             parts.append(f"missing {', '.join(line['missing'])}")
         if line["rejected"]:
             parts.append(f"rejected {', '.join(line['rejected'])}")
+        if line["withheld"]:
+            parts.append(f"left out {', '.join(line['withheld'])}")
+        epsilons = [s["dp_epsilon"] for s in line["sites"].values() if s["dp_epsilon"] is not None]
+        if epsilons:
+            parts.append(f"dp epsilon up to {max(epsilons):.2f}")
+        if line["site_level_privacy"]:
+            parts.append(f"site-level epsilon {line['site_level_privacy']['epsilon']:.2f}")
         log(INFO, " | ".join(parts))
         for site, reason in line["missing"].items():
             log(WARNING, "[fedprompt] round %d: %s is missing: %s", line["round"], site, reason)

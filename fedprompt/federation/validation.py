@@ -25,6 +25,12 @@ from flwr.serverapp.strategy import Strategy
 Rejection = Callable[[int, str, str], None]
 """Called as ``(node_id, message_type, reason)`` for each rejected reply."""
 
+Withholding = Callable[[int, str], None]
+"""Called as ``(node_id, reason)`` for each sound update left out of the aggregate."""
+
+BUDGET_EXHAUSTED_KEY = "dp-budget-exhausted"
+"""Set to 1 by a DP-SGD site whose next round would exceed its privacy budget."""
+
 
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -60,6 +66,9 @@ class UpdateValidation(Strategy):
         site_name: The site's name for a node id, for logs and for the site order.
         on_reject: Told of each rejection (the metered grid records it in the round's line).
         weighted_by_key: The metric that weights aggregation; must be a positive number.
+        on_withhold: Told of each sound update left out: a DP-SGD site whose privacy budget is
+            spent trains no more and says so (``BUDGET_EXHAUSTED_KEY``); its reply carries the
+            unchanged global prompt, which must not count as a site's vote.
     """
 
     def __init__(
@@ -70,8 +79,10 @@ class UpdateValidation(Strategy):
         site_name: Callable[[int], str] = lambda node_id: f"node-{node_id}",
         on_reject: Rejection | None = None,
         weighted_by_key: str = "num-examples",
+        on_withhold: Withholding | None = None,
     ) -> None:
         self.strategy = strategy
+        self.on_withhold = on_withhold
         self.expected = {
             key: (tuple(array.shape), np.dtype(array.dtype)) for key, array in reference.items()
         }
@@ -121,6 +132,7 @@ class UpdateValidation(Strategy):
         kept = self._consistent_metrics(
             server_round, [reply for reply in replies if id(reply) in passed]
         )
+        kept = self._without_exhausted_budgets(server_round, kept)
         kept = self._plausible_norms(server_round, kept, passed)
         return self.strategy.aggregate_train(server_round, self._in_site_order(kept) + failed)
 
@@ -191,6 +203,32 @@ class UpdateValidation(Strategy):
                     f"{sorted(usual)}",
                 )
         return [reply for reply in replies if names[id(reply)] == usual]
+
+    def _without_exhausted_budgets(
+        self, server_round: int, replies: list[Message]
+    ) -> list[Message]:
+        """Leave out the sites that stopped training because their privacy budget is spent."""
+        kept = []
+        for reply in replies:
+            metrics = next(iter(reply.content.metric_records.values()))
+            if metrics.get(BUDGET_EXHAUSTED_KEY, 0) != 1:
+                kept.append(reply)
+                continue
+            node_id = reply.metadata.src_node_id
+            reason = (
+                f"privacy budget spent (epsilon {metrics.get('dp-epsilon', float('nan')):.3f}); "
+                "the site trains no more"
+            )
+            log(
+                INFO,
+                "[fedprompt] round %d: %s is left out of the aggregate: %s",
+                server_round,
+                self.site_name(node_id),
+                reason,
+            )
+            if self.on_withhold is not None:
+                self.on_withhold(node_id, reason)
+        return kept
 
     def _plausible_norms(
         self,

@@ -2,7 +2,7 @@
 
 ``configs/strategy/<name>.yaml`` holds each one's settings; everything but ``name`` is passed to
 the strategy's constructor. FedProx's proximal term is applied by the sites
-(``local_site.ProximalTerm``) from the ``proximal-mu`` the strategy sends.
+(``training.ProximalTerm``) from the ``proximal-mu`` the strategy sends.
 """
 
 from __future__ import annotations
@@ -31,8 +31,12 @@ def build_strategy(
     fraction_evaluate: float = 1.0,
     min_nodes: int = 1,
     min_available_nodes: int = 1,
+    weighted_by_key: str = "num-examples",
 ) -> FedAvg:
     """The configured strategy, sampling ``fraction_*`` of the connected sites each round.
+
+    Sites' tensors and metrics are averaged with the weights the sites report under
+    ``weighted_by_key`` (their number of images unless a privacy mode needs otherwise).
 
     Raises:
         ConfigError: An unknown strategy name or setting.
@@ -50,6 +54,7 @@ def build_strategy(
             min_train_nodes=min_nodes,
             min_evaluate_nodes=min_nodes,
             min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
             **params,
         )
     except (TypeError, ValueError) as err:
