@@ -23,6 +23,7 @@ from fedprompt.config import ConfigError
 from fedprompt.data.features import PROCESS_FEATURE_CACHE, CachedViews, FeatureSettings
 from fedprompt.data.image_set import DatasetSplits
 from fedprompt.data.partition import SitePartition
+from fedprompt.data.protocols import training_splits
 from fedprompt.data.sites import SiteData, load_splits, plan_sites, site_data
 from fedprompt.evaluation.membership_inference import membership_inference_auc
 from fedprompt.evaluation.metrics import ClassificationMetrics
@@ -71,17 +72,19 @@ def build_learner(cfg: DictConfig, backbone: Backbone, classnames: list[str]) ->
 @functools.lru_cache(maxsize=8)
 def _splits_and_plan(data_yaml: str) -> tuple[DatasetSplits, SitePartition]:
     data_cfg = OmegaConf.create(data_yaml)
-    splits = load_splits(data_cfg)
+    splits = training_splits(data_cfg.get("protocol"), load_splits(data_cfg))
     return splits, plan_sites(data_cfg, splits)
 
 
 def splits_and_plan(cfg: DictConfig) -> tuple[DatasetSplits, SitePartition]:
-    """The dataset index and site assignment, read once per process for a given config.
+    """The dataset index the sites see and their assignment, read once per process.
 
+    Under ``protocol=base_to_novel`` the index holds the base classes only (``training_splits``).
     Keyed on the only keys they depend on, so changing a training setting reuses them.
     """
     data_cfg = {
         "dataset": cfg.dataset,
+        "protocol": cfg.get("protocol"),
         "partition": cfg.partition,
         "federation": {"num_sites": cfg.federation.num_sites},
         "seed": cfg.seed,

@@ -21,6 +21,41 @@ class ClassificationMetrics:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class BaseToNovelMetrics:
+    """A prompt trained on the base classes, scored on the base and on the novel classes.
+
+    ``as_dict`` keeps the base metrics under the usual keys (what the sites trained for) and
+    adds the novel accuracy and the harmonic mean of the two, the protocol's headline number.
+    """
+
+    base: ClassificationMetrics
+    novel: ClassificationMetrics
+
+    @property
+    def accuracy(self) -> float:
+        """The base classes' accuracy."""
+        return self.base.accuracy
+
+    @property
+    def harmonic_mean(self) -> float:
+        """2 b n / (b + n) of the base and novel accuracies."""
+        b, n = self.base.accuracy, self.novel.accuracy
+        return 2 * b * n / (b + n) if b + n > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The base metrics plus ``base_accuracy``, ``novel_*`` and ``harmonic_mean``."""
+        return {
+            **self.base.as_dict(),
+            "base_accuracy": self.base.accuracy,
+            "novel_accuracy": self.novel.accuracy,
+            "novel_balanced_accuracy": self.novel.balanced_accuracy,
+            "novel_macro_f1": self.novel.macro_f1,
+            "novel_num_test": self.novel.num_test,
+            "harmonic_mean": self.harmonic_mean,
+        }
+
+
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts with true classes as rows and predicted classes as columns."""
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)

@@ -22,10 +22,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig, OmegaConf
 
+from fedprompt.backbones import Backbone
 from fedprompt.config import ConfigError
 from fedprompt.data.features import PROCESS_FEATURE_CACHE
-from fedprompt.data.sites import plan_report
-from fedprompt.evaluation.metrics import ClassificationMetrics
+from fedprompt.data.protocols import novel_splits, protocol_name, protocol_report
+from fedprompt.data.sites import load_splits, plan_report
+from fedprompt.evaluation.metrics import BaseToNovelMetrics, ClassificationMetrics
 from fedprompt.federation.checkpoint import (
     Checkpoint,
     RoundOffset,
@@ -57,6 +59,8 @@ from fedprompt.site_rounds import (
 from fedprompt.training import evaluate
 
 MODES = ("simulation", "deployment")
+NOVEL_KEYS = ("base_accuracy", "novel_accuracy", "harmonic_mean")
+"""What ``summary.json``'s ``final`` adds under ``protocol=base_to_novel``."""
 LearnerFactory = Callable[[list[str]], Learner]
 
 
@@ -123,6 +127,7 @@ def _final_metrics(lines: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if last["central"]:
         final = {key: last["central"][key] for key in ("accuracy", "balanced_accuracy", "macro_f1")}
+        final |= {key: last["central"][key] for key in NOVEL_KEYS if key in last["central"]}
         final["source"] = "central"
     else:
         sites = [s for s in last["sites"].values() if s["accuracy"] is not None]
@@ -148,31 +153,83 @@ def _open_results(cfg: DictConfig) -> tuple[ResultsFolder, Checkpoint | None]:
     return ResultsFolder(folder, resume=True), checkpoint
 
 
+def _novel_evaluation(
+    cfg: DictConfig, backbone: Backbone, base_learner: Learner
+) -> tuple[list[str], Callable[[dict[str, Any]], ClassificationMetrics]]:
+    """The dataset's full class list, and a scorer of a base-trained prompt on the novel classes.
+
+    Raises:
+        ConfigError: The method's trainable state depends on the class list (a class-specific
+            context, a linear probe), so a base-trained prompt cannot score novel classes.
+    """
+    full = load_splits(cfg)
+    novel = novel_splits(full)
+    # A class-agnostic state has the same shapes for the base classes and for all classes.
+    every_class = build_learner(cfg, backbone, list(full.classnames)).trainable_state()
+    shapes = {k: tuple(v.shape) for k, v in every_class.items()}
+    if shapes != {k: tuple(v.shape) for k, v in base_learner.trainable_state().items()}:
+        raise ConfigError(
+            f"method={cfg.method.name}'s trainable state depends on the class list, so a prompt "
+            "trained on the base classes cannot be tested on the novel ones; use a "
+            "class-agnostic method (or method.class_specific=false) for protocol=base_to_novel."
+        )
+    learner = build_learner(cfg, backbone, list(novel.classnames))
+    features, labels = PROCESS_FEATURE_CACHE.get(
+        backbone, novel.test, feature_settings(cfg).batch_size, "novel-class test features"
+    )
+
+    def score(state: dict[str, Any]) -> ClassificationMetrics:
+        learner.load_trainable_state(state)
+        return evaluate(learner, features, labels, len(novel.classnames))
+
+    return list(full.classnames), score
+
+
 def _simulation_setup(
     cfg: DictConfig, results: ResultsFolder, learner_for: LearnerFactory
-) -> tuple[Learner, SiteDirectory, CentralEvaluation | None]:
-    """The partitioned dataset's learner, site names and (optional) central evaluation."""
+) -> tuple[Learner, SiteDirectory, CentralEvaluation | None, list[str]]:
+    """The partitioned dataset's learner, site names, central evaluation and full class list.
+
+    Under ``protocol=base_to_novel`` the sites' dataset holds the base classes only, and the
+    central evaluation scores the global prompt on the base and on the novel classes.
+    """
     backbone = backbone_for(cfg)
     splits, plan = splits_and_plan(cfg)
     results.write_json("partitions.json", plan_report(cfg, splits, plan))
     learner = learner_for(list(splits.classnames))
+    classnames = list(splits.classnames)
+    novel = None
+    if protocol_name(cfg.get("protocol")) == "base_to_novel":
+        if not cfg.evaluation.central:
+            raise ConfigError(
+                "protocol=base_to_novel scores the novel classes centrally; set "
+                "evaluation.central=true."
+            )
+        classnames, novel = _novel_evaluation(cfg, backbone, learner)
     central = None
     if cfg.evaluation.central:
         features, labels = PROCESS_FEATURE_CACHE.get(
             backbone, splits.test, feature_settings(cfg).batch_size, "global test features"
         )
 
-        def central(arrays: ArrayRecord) -> ClassificationMetrics:
-            learner.load_trainable_state(arrays.to_torch_state_dict())
-            return evaluate(learner, features, labels, len(splits.classnames))
+        def central(arrays: ArrayRecord) -> ClassificationMetrics | BaseToNovelMetrics:
+            state = arrays.to_torch_state_dict()
+            learner.load_trainable_state(state)
+            base = evaluate(learner, features, labels, len(splits.classnames))
+            return base if novel is None else BaseToNovelMetrics(base, novel(state))
 
-    return learner, SiteDirectory(plan.site_names), central
+    return learner, SiteDirectory(plan.site_names), central, classnames
 
 
 def _deployment_setup(
     cfg: DictConfig, learner_for: LearnerFactory
-) -> tuple[Learner, SiteDirectory, None]:
+) -> tuple[Learner, SiteDirectory, None, list[str]]:
     """Only the class list is known at the server; the sites keep their images."""
+    if protocol_name(cfg.get("protocol")) != "few_shot":
+        raise ConfigError(
+            "protocol=base_to_novel needs a central test split of every class; run it in "
+            "simulation (federation.mode=simulation)."
+        )
     if cfg.dataset.get("classnames") is None:
         raise ConfigError(
             "A deployed federation needs its class list at the server: set dataset.classnames "
@@ -180,7 +237,8 @@ def _deployment_setup(
         )
     if cfg.evaluation.central:
         log(INFO, "[fedprompt] deployment: no central test split; sites evaluate on their own.")
-    return learner_for(list(cfg.dataset.classnames)), SiteDirectory(), None
+    classnames = list(cfg.dataset.classnames)
+    return learner_for(classnames), SiteDirectory(), None, classnames
 
 
 def _strategy(
@@ -250,9 +308,9 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         return build_learner(cfg, backbone, classnames)
 
     if mode == "simulation":
-        learner, sites, central = _simulation_setup(cfg, results, learner_for)
+        learner, sites, central, classnames = _simulation_setup(cfg, results, learner_for)
     else:
-        learner, sites, central = _deployment_setup(cfg, learner_for)
+        learner, sites, central, classnames = _deployment_setup(cfg, learner_for)
     initial_state = learner.trainable_state()
     reference = ArrayRecord(initial_state)
 
@@ -313,6 +371,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         "num_sites": num_sites,
         "rounds": rounds,
         "seed": int(cfg.seed),
+        "protocol": protocol_report(cfg.get("protocol"), int(cfg.train.shots), classnames),
         "resumed_after_round": done if checkpoint is not None else None,
         "final": _final_metrics(lines),
         "initial": monitor.initial,

@@ -22,7 +22,15 @@ from omegaconf import DictConfig
 
 from fedprompt.config import compose_config
 
-GROUPS: tuple[str, ...] = ("backbone", "dataset", "method", "partition", "strategy", "privacy")
+GROUPS: tuple[str, ...] = (
+    "backbone",
+    "dataset",
+    "method",
+    "partition",
+    "strategy",
+    "privacy",
+    "protocol",
+)
 
 LEAF_KEYS: tuple[str, ...] = (
     "seed",

@@ -11,12 +11,12 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
-from fedprompt.evaluation.metrics import ClassificationMetrics
+from fedprompt.evaluation.metrics import BaseToNovelMetrics, ClassificationMetrics
 from fedprompt.federation.checkpoint import save_checkpoint
 from fedprompt.federation.metered_grid import MeteredGrid, RoundTraffic, SiteTraffic
 from fedprompt.results import ResultsFolder
 
-CentralEvaluation = Callable[[ArrayRecord], ClassificationMetrics]
+CentralEvaluation = Callable[[ArrayRecord], ClassificationMetrics | BaseToNovelMetrics]
 
 
 def _weighted(values: Sequence[tuple[float, float]]) -> float | None:
@@ -174,6 +174,11 @@ class RunMonitor:
             parts.append(f"federated acc {100 * line['federated_accuracy']:.1f}%")
         if line["central"]:
             parts.append(f"central acc {100 * line['central']['accuracy']:.1f}%")
+            if "harmonic_mean" in line["central"]:
+                parts.append(
+                    f"novel acc {100 * line['central']['novel_accuracy']:.1f}% "
+                    f"HM {100 * line['central']['harmonic_mean']:.1f}%"
+                )
         parts.append(f"{line['seconds']:.1f} s")
         parts.append(f"up {_kb(line['bytes_up'])} down {_kb(line['bytes_down'])}")
         if line["missing"]:
