@@ -88,14 +88,57 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) 
     raise TimeoutError(f"flower-superlink did not open port {port} within {timeout:.0f} s.")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop a process group started with ``start_new_session``; gone already is fine."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+def _descendant_groups(pid: int) -> set[int]:
+    """Process groups of ``pid``'s descendants (from ``/proc``; empty where there is none).
+
+    The SuperLink starts the SuperExec in a session of its own, and Ray's daemons run in the
+    SuperExec's group; a Ray agent outlives its parents unless its group is stopped too.
+    """
+    children: dict[int, list[tuple[int, int]]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append((int(stat.parent.name), int(fields[2])))
+    groups: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child, group in children.get(stack.pop(), []):
+            groups.add(group)
+            stack.append(child)
+    return groups - {os.getpgrp()}
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, sig)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a process group started with ``start_new_session`` and every group it started."""
+    groups = _descendant_groups(process.pid)
+    _signal_group(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        _signal_group(process.pid, signal.SIGKILL)
+    for group in groups:
+        _signal_group(group, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while groups and time.monotonic() < deadline:
+        groups = {g for g in groups if _group_alive(g)}
+        time.sleep(0.2)
+    for group in groups:
+        _signal_group(group, signal.SIGKILL)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -176,6 +219,14 @@ def simulate(experiment: str, overrides: Sequence[str], cfg: DictConfig) -> int:
         run_config = write_run_config(
             workdir / "run-config.toml", overrides_to_run_config(experiment, overrides)
         )
-        with private_superlink(workdir) as env:
-            command = flwr_run_command(app_dir, run_config, cfg)
-            return subprocess.run(command, env=env, check=False).returncode
+        try:
+            with private_superlink(workdir) as env:
+                command = flwr_run_command(app_dir, run_config, cfg)
+                return subprocess.run(command, env=env, check=False).returncode
+        except KeyboardInterrupt:
+            print(
+                "fedprompt: interrupted; the local SuperLink and its simulation are stopped. "
+                f"Continue from the last completed round with resume={cfg.output_dir}.",
+                file=sys.stderr,
+            )
+            return 130
