@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fedprompt.learners import create_learner
 from fedprompt.learners.coop import CoOp
-from fedprompt.privacy import SiteLedger, dp_train_local, privacy_summary
+from fedprompt.privacy import SiteLedger, dp_train_local, privacy_summary, resolve_clipping
 
 CLASSES = ["glioma tumor", "meningioma tumor", "pituitary tumor", "normal brain"]
 TRAIN = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "local_epochs": 1, "batch_size": 6}
@@ -163,3 +163,27 @@ def test_refuses_a_ledger_for_another_site_and_non_per_sample_losses(miniature_b
         dp_train_local(
             Contrastive(miniature_backbone, CLASSES), features, labels, TRAIN, PRIVACY, _ledger(), 0
         )
+
+
+class BatchCentred(CoOp):
+    """A loss that couples the batch (logits centred over it), taken one record at a time."""
+
+    per_sample_loss = False
+    record_loss_note = "the logits are centred over the record itself"
+
+    def loss(self, image_features, labels):
+        logits = self(image_features)
+        centred = logits - logits.mean(dim=0, keepdim=True).detach()
+        return F.cross_entropy(centred, labels)
+
+
+def test_a_batch_coupled_loss_trains_one_record_at_a_time_in_exact_mode(miniature_backbone):
+    learner = BatchCentred(miniature_backbone, CLASSES)
+    assert resolve_clipping(learner, "auto") == "exact"
+    with pytest.raises(ValueError, match="clipping=exact"):
+        resolve_clipping(learner, "text_features")
+    features, labels = _site(miniature_backbone)
+    before = learner.trainable_state()
+    stats = dp_train_local(learner, features, labels, TRAIN, PRIVACY, _ledger(), seed=0)
+    assert stats.clipping == "exact" and stats.steps > 0
+    assert not torch.equal(before["ctx"], learner.trainable_state()["ctx"])

@@ -44,6 +44,11 @@ class Learner(torch.nn.Module, abc.ABC):
       own image (and on public data) only, so one sample's influence is bounded by clipping its
       term. Both flags must hold for text-feature-space differential privacy. The defaults fit
       CoOp's cross-entropy; a method whose loss breaks either property sets it to False.
+    - ``record_loss_note``: for a method whose batch loss couples the records of a batch
+      (``per_sample_loss`` False), how its loss differs when taken on one record at a time, as
+      exact DP-SGD does (e.g. "the teacher's outlier filter is computed per image"). Each
+      record's gradient then depends on that record alone, so clipping bounds its influence.
+      None: the method cannot train with DP-SGD.
 
     Args:
         backbone: The shared frozen backbone.
@@ -56,6 +61,7 @@ class Learner(torch.nn.Module, abc.ABC):
     needs_training: ClassVar[bool] = True
     text_feature_only: ClassVar[bool] = True
     per_sample_loss: ClassVar[bool] = True
+    record_loss_note: ClassVar[str | None] = None
 
     def __init__(self, backbone: Backbone, classnames: Sequence[str], **hparams: Any) -> None:
         super().__init__()

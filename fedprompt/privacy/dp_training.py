@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -21,6 +22,8 @@ from fedprompt.privacy.noisy_aggregation import PrivateGradient
 from fedprompt.privacy.per_sample_gradients import ExactClipping
 from fedprompt.privacy.text_feature_clipping import TextFeatureClipping
 from fedprompt.training import TrainStats, make_optimizer, required_inputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +151,9 @@ def dp_train_local(
     if not any(p.requires_grad for p in learner.parameters()):
         raise ValueError(f"{type(learner).__name__} has nothing to train; skip its local training.")
     clipping = resolve_clipping(learner, str(privacy_cfg.get("clipping", "auto")))
+    note = getattr(learner, "record_loss_note", None)
+    if not getattr(learner, "per_sample_loss", True) and note:
+        logger.info("%s under DP-SGD, one record at a time: %s.", type(learner).__name__, note)
     local_epochs = int(train_cfg["local_epochs"])
     round_steps = ledger.steps_per_round(local_epochs)
 

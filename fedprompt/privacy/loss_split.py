@@ -92,7 +92,9 @@ def resolve_clipping(learner: Learner, clipping: str) -> ClippingMode:
     """The clipping mode for this learner: ``auto`` picks text-feature space where it is valid.
 
     Text-feature space needs ``text_feature_only`` and private terms known as a function of the
-    similarities (``has_text_feature_losses``); exact mode needs only per-record terms.
+    similarities (``has_text_feature_losses``); exact mode needs only per-record terms, or a
+    batch-coupled loss that the learner says may be taken one record at a time
+    (``record_loss_note``).
 
     Raises:
         ValueError: An unknown mode; a loss that is not a mean of per-record terms (no
@@ -104,10 +106,17 @@ def resolve_clipping(learner: Learner, clipping: str) -> ClippingMode:
         raise ValueError(f"Unknown privacy.clipping {clipping!r}; use one of {CLIPPING_MODES}.")
     name = type(learner).__name__
     if not getattr(learner, "per_sample_loss", True):
-        raise ValueError(
-            f"{name}'s loss is not a mean of per-record terms, so DP-SGD cannot bound one "
-            "record's influence by clipping; it cannot train with privacy=dpsgd."
-        )
+        if not getattr(learner, "record_loss_note", None):
+            raise ValueError(
+                f"{name}'s loss is not a mean of per-record terms, so DP-SGD cannot bound one "
+                "record's influence by clipping; it cannot train with privacy=dpsgd."
+            )
+        if clipping == "text_features":
+            raise ValueError(
+                f"{name}'s loss couples the records of a batch; under DP it is taken one record "
+                "at a time, which needs privacy.clipping=exact (or auto)."
+            )
+        return "exact"
     text_feature_only = bool(getattr(learner, "text_feature_only", True))
     terms_known = has_text_feature_losses(learner)
     if clipping == "auto":
