@@ -2,10 +2,11 @@
 
 Each site's update (its prompt minus the global one) is clipped to ``clipping_norm`` in L2, and
 Gaussian noise of std ``noise_multiplier * clipping_norm / sites`` is added to the average
-(McMahan et al., ICLR 2018). The guarantee protects a whole site's contribution to each round,
-not single records: it bounds what the released prompt says about whether a hospital took part,
-and says nothing finer about any one patient than that. Sample-level DP-SGD (``privacy=dpsgd``)
-is the record-level guarantee a privacy officer usually asks for.
+(McMahan et al., ICLR 2018). The unit protected is a whole site: the released prompt bounds what
+anyone learns about a hospital's entire contribution (and so about every record in it). But the
+server is trusted: it sees each update before the noise. Sample-level DP-SGD
+(``privacy=dpsgd``) protects records from the server too, and is the guarantee to report per
+patient.
 
 ``side=server``: the server clips the updates it receives (it sees them unclipped);
 ``side=client``: each site clips before sending (``site_level_clipping_mod``). The epsilon is
