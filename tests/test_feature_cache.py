@@ -1,11 +1,13 @@
 import copy
 import dataclasses
 import logging
+import os
 import threading
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision import transforms
 
 from fedprompt.data.augment import AugmentationSettings, SeededViewTransform
@@ -275,20 +277,72 @@ def test_settings_from_config(tmp_path, monkeypatch):
 
 
 def test_entry_keys_separate_every_part():
-    base = entry_key("b", "p", 0, ["x", "y"])
+    base = entry_key("b", "p", 0, ["x", "y"], "f")
     assert (
         len(
             {
                 base,
-                entry_key("c", "p", 0, ["x", "y"]),
-                entry_key("b", "q", 0, ["x", "y"]),
-                entry_key("b", "p", 1, ["x", "y"]),
-                entry_key("b", "p", 0, ["y", "x"]),
-                entry_key("b", "p", 0, ["xy"]),
+                entry_key("c", "p", 0, ["x", "y"], "f"),
+                entry_key("b", "q", 0, ["x", "y"], "f"),
+                entry_key("b", "p", 1, ["x", "y"], "f"),
+                entry_key("b", "p", 0, ["y", "x"], "f"),
+                entry_key("b", "p", 0, ["xy"], "f"),
+                entry_key("b", "p", 0, ["x", "y"], "g"),
             }
         )
-        == 6
+        == 7
     )
+
+
+def _image_files(folder, count, seed):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"img{i}.png" for i in range(count)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, size=(40, 52, 3), dtype=np.uint8)).save(path)
+    return paths
+
+
+def test_an_image_file_replaced_under_its_name_is_encoded_again(miniature_backbone, tmp_path):
+    paths = _image_files(tmp_path / "images", 4, seed=0)
+    images = ImageSet(paths, [0, 1, 0, 1], ["a", "b"], [f"x/{p.name}" for p in paths])
+    untouched = images.subset([0, 1])
+    cache = FeatureCache(_settings(tmp_path / "cache"))
+    base, _ = cache.get(miniature_backbone, images)
+    cache.get(miniature_backbone, untouched)
+    assert cache.encoded_views == 6
+    (new,) = _image_files(tmp_path / "new", 1, seed=1)
+    old_mtime = paths[3].stat().st_mtime_ns
+    os.replace(new, paths[3])
+    # Some filesystems keep mtimes coarse; make sure the replacement is seen as newer.
+    os.utime(paths[3], ns=(old_mtime + 10**9, old_mtime + 10**9))
+    for clear in (False, True):  # memory, then disk
+        if clear:
+            cache.clear()
+        cache.get(miniature_backbone, untouched)
+        assert cache.encoded_views == 6
+    cache.clear()
+    rebuilt, _ = cache.get(miniature_backbone, images)
+    assert cache.encoded_views == 10
+    fresh, _ = encode_image_set(miniature_backbone, images, batch_size=64)
+    assert torch.equal(rebuilt, fresh)
+    assert not torch.allclose(rebuilt[3], base[3])
+    torch.testing.assert_close(rebuilt[:3], base[:3])
+    cache.clear()
+    assert torch.equal(cache.get(miniature_backbone, images)[0], rebuilt)
+    assert cache.encoded_views == 10
+
+
+def test_in_memory_pixels_changed_under_the_same_identities_are_encoded_again(
+    miniature_backbone, tmp_path
+):
+    pixels = np.random.default_rng(0).integers(0, 256, size=(6, 40, 52, 3), dtype=np.uint8)
+    images = ImageSet(pixels, np.arange(6) % 2, ["a", "b"], [f"img/{i}" for i in range(6)])
+    cache = FeatureCache(_settings(tmp_path))
+    base, _ = cache.get(miniature_backbone, images)
+    changed = ImageSet(255 - pixels, images.labels, images.classnames, images.identities)
+    inverted, _ = cache.get(miniature_backbone, changed)
+    assert cache.encoded_views == 2 * len(images) and not torch.allclose(inverted, base)
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
 """ImageSet: lazy reading, RGB conversion, subsets, transforms, errors; and root resolution."""
 
+import os
 import pickle
 from pathlib import Path
 
@@ -133,6 +134,42 @@ def test_resolve_root_relative_env_and_home(tmp_path, monkeypatch):
     monkeypatch.delenv("FEDPROMPT_DATA")
     assert resolve_root("${oc.env:FEDPROMPT_DATA,data}/x") == tmp_path / "data" / "x"
     assert resolve_root("~/d") == Path.home() / "d"
+
+
+def test_relative_root_falls_back_to_the_project_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_root("configs") == (Path(__file__).parents[1] / "configs").resolve()
+    assert resolve_root("nowhere") == (tmp_path / "nowhere").resolve()
+    assert resolve_root(tmp_path) == tmp_path.resolve()
+    (tmp_path / "configs").mkdir()
+    assert resolve_root("configs") == (tmp_path / "configs").resolve()
+
+
+def test_content_fingerprint_follows_file_size_and_mtime(tmp_path):
+    paths = _write_images(tmp_path, 3)
+    images = ImageSet(paths, [0, 1, 1], ["a", "b"])
+    first = images.content_fingerprint()
+    assert ImageSet(paths, [0, 1, 1], ["a", "b"]).content_fingerprint() == first
+    swapped, ordered = images.subset([1, 0]), images.subset([0, 1])
+    assert swapped.content_fingerprint() != ordered.content_fingerprint()
+    stat = paths[2].stat()
+    os.utime(paths[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    touched = images.content_fingerprint()
+    assert touched != first
+    Image.new("L", (40, 30), color=7).save(paths[2])
+    assert images.content_fingerprint() not in (first, touched)
+    paths[2].unlink()
+    assert images.content_fingerprint() != first  # absent: decoding it reports the error
+
+
+def test_content_fingerprint_of_arrays_samples_the_pixels():
+    pixels = np.zeros((3, 16, 16), dtype=np.uint8)
+    images = ImageSet(pixels, [0, 1, 1], ["a", "b"])
+    first = images.content_fingerprint()
+    pixels[1] = 255
+    assert images.content_fingerprint() != first
+    alone = ImageSet(np.zeros((1, 16, 16), dtype=np.uint8), [0], ["a"])
+    assert images.subset([0]).content_fingerprint() == alone.content_fingerprint()
 
 
 def test_config_classnames():

@@ -9,7 +9,6 @@ from fedprompt.data.sites import (
     load_splits,
     plan_report,
     plan_sites,
-    resolve_root,
     site_data,
 )
 
@@ -19,19 +18,16 @@ needs_shared = pytest.mark.skipif(
 )
 
 
-def test_relative_root_falls_back_to_the_project_folder(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert resolve_root("configs") == (Path(__file__).parents[1] / "configs").resolve()
-    assert resolve_root("nowhere") == (tmp_path / "nowhere").resolve()
-    assert resolve_root(tmp_path) == tmp_path.resolve()
-
-
 def test_missing_quickstart_data_gets_a_synthetic_stand_in(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDPROMPT_CACHE", str(tmp_path / "cache"))
     cfg = compose_config("quickstart", [f"dataset.root={tmp_path / 'absent'}"])
     stand_in = dataset_config(cfg)
     assert stand_in["format"] == "synthetic"
     assert stand_in["classnames"] == list(cfg.dataset.classnames)
+    assert stand_in["root"] == str(tmp_path / "cache" / "synthetic")
+    synthetic = compose_config(None, ["dataset=synthetic"]).dataset
+    for key in ("train_per_class", "val_per_class", "test_per_class", "image_size", "seed"):
+        assert stand_in[key] == synthetic[key]
     splits = load_splits(cfg)
     assert splits.classnames == list(cfg.dataset.classnames)
     assert len(splits.train) == 4 * stand_in["train_per_class"]

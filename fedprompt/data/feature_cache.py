@@ -7,7 +7,9 @@ view ``k``) by one backbone. Its key hashes:
   of every tensor, so a different checkpoint in the same ``local-dir:`` folder is a different
   backbone) and the numeric path (fp32 on the CPU, bf16 autocast on CUDA);
 - the preprocessing (the transform's ``repr``, which names every parameter) and the view index;
-- the ordered image identities (``ImageSet.identities``).
+- the ordered image identities (``ImageSet.identities``) and their content fingerprint
+  (``ImageSet.content_fingerprint``: each file's size and modification time in nanoseconds, or a
+  strided pixel sample of each in-memory image), so an image replaced under its old name misses.
 
 Files live under ``<cache_dir>/<backbone id>/<entry>.<kind>.pt``. Each holds its own key and a
 SHA-256 of every tensor's bytes; a file that cannot be read, belongs to another key or fails its
@@ -72,10 +74,23 @@ def backbone_identity(backbone: Backbone) -> str:
     return identity
 
 
-def entry_key(backbone_id: str, preprocessing: str, view: int, identities: Sequence[str]) -> str:
-    """Hex key of one image set seen through one preprocessing and view by one backbone."""
+def entry_key(
+    backbone_id: str, preprocessing: str, view: int, identities: Sequence[str], content: str
+) -> str:
+    """Hex key of one image set seen through one preprocessing and view by one backbone.
+
+    Args:
+        backbone_id: ``backbone_identity`` of the backbone.
+        preprocessing: The transform's ``repr``.
+        view: The view index.
+        identities: The images' identities, in order.
+        content: ``ImageSet.content_fingerprint()`` of the images, so that an image replaced under
+            the same name is a different entry.
+    """
     digest = hashlib.sha256()
-    digest.update(f"{backbone_id}|{preprocessing}|view={view}|n={len(identities)}".encode())
+    digest.update(
+        f"{backbone_id}|{preprocessing}|view={view}|content={content}|n={len(identities)}".encode()
+    )
     for identity in identities:
         digest.update(identity.encode())
         digest.update(b"\0")

@@ -380,7 +380,10 @@ class FeatureCache:
         progress: str | None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         backbone_id = backbone_identity(backbone)
-        keys = {v: entry_key(backbone_id, preprocessing, v, images.identities) for v in views}
+        content = images.content_fingerprint()
+        keys = {
+            v: entry_key(backbone_id, preprocessing, v, images.identities, content) for v in views
+        }
         features: dict[int, torch.Tensor] = {}
         tokens: dict[int, torch.Tensor] = {}
         missing = []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+# Pixels per in-memory image that its content fingerprint samples (a strided sample, not all).
+_FINGERPRINT_SAMPLES = 64
 
 
 class DataError(ValueError):
@@ -34,8 +39,8 @@ class ImageSet(torch.utils.data.Dataset):
     Attributes:
         classnames: Class names ordered by label id.
         labels: Integer label of each item (int64).
-        identities: Stable per-image ids (e.g. ``"BTMRI/glioma_tumor/image12.jpg"``), used as
-            keys by feature caches; unique within a dataset.
+        identities: Stable per-image ids (e.g. ``"BTMRI/glioma_tumor/image12.jpg"``), used with
+            ``content_fingerprint`` as keys by feature caches; unique within a dataset.
         transform: Applied to the RGB ``PIL.Image`` on access, if set.
     """
 
@@ -152,6 +157,36 @@ class ImageSet(torch.utils.data.Dataset):
         """Number of images per class, indexed by label id."""
         return np.bincount(self.labels, minlength=len(self.classnames))
 
+    def content_fingerprint(self) -> str:
+        """Hex digest that changes when an image's content may have changed; decodes nothing.
+
+        Identities name images, not their content, so caches of derived data (frozen features)
+        add this to their keys. A file contributes its size and modification time in
+        nanoseconds (one ``stat``, no read; an absent file a marker, so decoding it reports the
+        error); an in-memory image its shape and a strided sample of its pixels, since arrays
+        read from a replaced file keep their identities.
+        """
+        digest = hashlib.sha256()
+        if isinstance(self._items, np.ndarray):
+            shape = self._items.shape[1:]
+            digest.update(f"array|{shape}|n={len(self._index)}".encode())
+            per_image = int(np.prod(shape))
+            flat = np.linspace(0, per_image - 1, min(per_image, _FINGERPRINT_SAMPLES), dtype=int)
+            at = np.unravel_index(flat, shape)
+            sample = self._items[(self._index[:, None], *(axis[None, :] for axis in at))]
+            digest.update(np.ascontiguousarray(sample).tobytes())
+            return digest.hexdigest()
+        stamps = np.full((len(self._index), 2), -1, dtype=np.int64)
+        for row, source in enumerate(self._index.tolist()):
+            try:
+                stat = os.stat(self._items[source])
+            except OSError:
+                continue
+            stamps[row] = stat.st_size, stat.st_mtime_ns
+        digest.update(f"files|n={len(self._index)}".encode())
+        digest.update(stamps.tobytes())
+        return digest.hexdigest()
+
     def __repr__(self) -> str:
         kind = "in-memory" if isinstance(self._items, np.ndarray) else "files"
         return f"ImageSet({len(self)} images, {len(self.classnames)} classes, {kind})"
@@ -173,20 +208,28 @@ class DatasetSplits:
         return len(self.classnames)
 
 
-def resolve_root(value: str | Path | None, default: str | Path = "data") -> Path:
-    """Turn a configured data root into an absolute path.
+def resolve_root(value: str | os.PathLike | None, default: str | os.PathLike = "data") -> Path:
+    """Turn a configured data root into an absolute path, the same from any working folder.
 
-    Relative roots are taken against the current working directory, ``~`` is expanded, and an
-    OmegaConf interpolation left in a plain dict (``${oc.env:FEDPROMPT_DATA,data}``) is
-    resolved, so a config behaves the same whether it arrives as a DictConfig or a dict.
+    ``~`` is expanded and an OmegaConf interpolation left in a plain dict
+    (``${oc.env:FEDPROMPT_DATA,data}``) is resolved, so a config behaves the same whether it
+    arrives as a DictConfig or a dict. A relative root is taken against the current folder where
+    it exists there, else against the project folder where it exists there, else against the
+    current folder: relative roots in ready-made experiments (``../shared/data/btmri-mini``) then
+    work from the project folder and from whatever folder a Flower process runs in.
     """
-    raw = default if value is None or str(value) == "" else value
-    text = str(raw)
+    text = str(default if value is None or str(value) == "" else value)
     if "${" in text:
         from omegaconf import OmegaConf
 
         text = str(OmegaConf.create({"value": text}).value)
-    return Path(text).expanduser().resolve()
+    path = Path(text).expanduser()
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    from fedprompt.config import PROJECT_DIR  # imports Hydra: only when this fallback is needed
+
+    beside_project = PROJECT_DIR / path
+    return beside_project.resolve() if beside_project.exists() else path.resolve()
 
 
 def config_classnames(cfg: Mapping[str, Any]) -> list[str] | None:

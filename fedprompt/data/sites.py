@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,14 +11,16 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from fedprompt.backbones import default_cache_dir
+from fedprompt.config import CONFIG_DIR
 from fedprompt.data.few_shot import few_shot_indices
-from fedprompt.data.image_set import DatasetSplits, ImageSet
+from fedprompt.data.image_set import DatasetSplits, ImageSet, resolve_root
 from fedprompt.data.partition import SitePartition, assign_sites, partitions_report
 from fedprompt.data.registry import load_dataset
 
 logger = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
+SYNTHETIC_CONFIG = CONFIG_DIR / "dataset" / "synthetic.yaml"
 PARTITION_PARAMS = ("alpha", "min_size", "classes_per_site")
 
 
@@ -34,35 +35,22 @@ class SiteData:
     test: ImageSet
 
 
-def resolve_root(root: str | os.PathLike) -> Path:
-    """A dataset root as given if it exists, else relative to the project folder, else as given.
-
-    Relative roots in ready-made experiments (``../shared/data/btmri-mini``) then work from the
-    project folder and from the folder a Flower process happens to run in.
-    """
-    path = Path(os.path.expanduser(str(root)))
-    if path.is_absolute() or path.exists():
-        return path.resolve()
-    beside_project = PROJECT_DIR / path
-    return beside_project.resolve() if beside_project.exists() else path.resolve()
-
-
 def _synthetic_stand_in(dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``configs/dataset/synthetic.yaml`` (its sizes and seed) under the absent dataset's classes.
+
+    It is generated in fedprompt's cache, not beside the yaml's working-folder root, so one copy
+    serves runs started from any folder.
+    """
+    stand_in = OmegaConf.to_container(OmegaConf.load(SYNTHETIC_CONFIG), resolve=True)
+    assert isinstance(stand_in, dict)
     classnames = list(dataset_cfg["classnames"])
-    return {
-        "name": f"synthetic-{dataset_cfg['name']}",
-        "format": "synthetic",
-        "classnames": classnames,
-        "num_classes": len(classnames),
-        "train_per_class": 30,
-        "val_per_class": 0,
-        "test_per_class": 15,
-        "image_size": 64,
-        "seed": 0,
-        "root": str(
-            Path(os.environ.get("FEDPROMPT_CACHE", Path.home() / ".cache/fedprompt"), "synthetic")
-        ),
-    }
+    stand_in.update(
+        name=f"synthetic-{dataset_cfg['name']}",
+        classnames=classnames,
+        num_classes=len(classnames),
+        root=str(default_cache_dir() / "synthetic"),
+    )
+    return stand_in
 
 
 def dataset_config(cfg: DictConfig) -> dict[str, Any]:

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fedprompt.backbones import Backbone
-from fedprompt.learners.coop import CoOp
+from fedprompt.learners.description_prompts import DescriptionGuidedCoOp
 from fedprompt.learners.distillation import DescriptionTeacher, kl_to_teacher, sccm_loss
 from fedprompt.learners.registry import register_learner
-from fedprompt.text.descriptions import load_descriptions
 
 
 @register_learner("biomedcoop")
-class BiomedCoOp(CoOp):
+class BiomedCoOp(DescriptionGuidedCoOp):
     """CoOp with loss CE + ``sccm_weight`` * SCCM + ``kdsp_weight`` * KDSP.
 
     SCCM pulls each learned class feature towards the mean feature of the class's descriptions;
@@ -30,12 +30,8 @@ class BiomedCoOp(CoOp):
         sccm_weight: Weight of SCCM (BTMRI few-shot: 0.5).
         kdsp_weight: Weight of KDSP (BTMRI few-shot: 0.25).
         tau: Outlier threshold of the prompt-set filter (BTMRI few-shot: 1.5).
-        descriptions: A bundled set's name or a JSON file; None picks the bundled set covering
-            the classes.
-        n_ctx: Number of context vectors.
-        ctx_init: Words whose embeddings initialise the context.
-        class_specific: One context per class.
-        trim_padding: Run the text tower without the prompts' common trailing padding.
+        **context: ``DescriptionGuidedCoOp``'s settings: descriptions, and CoOp's context
+            settings n_ctx, ctx_init, class_specific, trim_padding.
     """
 
     per_sample_loss = False
@@ -48,25 +44,12 @@ class BiomedCoOp(CoOp):
         sccm_weight: float = 0.5,
         kdsp_weight: float = 0.25,
         tau: float = 1.5,
-        descriptions: str | None = None,
-        n_ctx: int = 4,
-        ctx_init: str | None = "a photo of a",
-        class_specific: bool = False,
-        trim_padding: bool = True,
+        **context: Any,
     ) -> None:
-        super().__init__(
-            backbone,
-            classnames,
-            n_ctx=n_ctx,
-            ctx_init=ctx_init,
-            class_specific=class_specific,
-            trim_padding=trim_padding,
-        )
+        super().__init__(backbone, classnames, **context)
         self.sccm_weight = sccm_weight
         self.kdsp_weight = kdsp_weight
-        found = load_descriptions(self.classnames, descriptions)
-        self.description_source = found.source
-        self.teacher = DescriptionTeacher(backbone, self.classnames, found, tau)
+        self.teacher = DescriptionTeacher(backbone, self.classnames, self.class_descriptions, tau)
 
     def loss(
         self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor

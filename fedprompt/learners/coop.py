@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ class CoOp(Learner):
         class_specific: One context per class (CoOp's CSC variant) instead of a shared one.
         trim_padding: Run the text tower on the prompts without their common trailing padding
             (same features, far faster for BiomedCLIP's 256-token context).
+        **hparams: Whatever a subclass left over, handed to ``Learner``, which rejects it naming
+            the method actually built (a mistyped key of any CoOp variant's config).
     """
 
     def __init__(
@@ -37,8 +40,9 @@ class CoOp(Learner):
         ctx_init: str | None = "a photo of a",
         class_specific: bool = False,
         trim_padding: bool = True,
+        **hparams: Any,
     ) -> None:
-        super().__init__(backbone, classnames)
+        super().__init__(backbone, classnames, **hparams)
         self.class_specific = class_specific
         self.prompt_encoder = PromptTextEncoder(
             backbone, self.classnames, n_ctx=n_ctx, ctx_init=ctx_init, trim=trim_padding

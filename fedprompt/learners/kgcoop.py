@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +38,7 @@ class KgCoOp(CoOp):
         classnames: One name per class, in label order.
         kg_weight: Weight of the knowledge-guidance term (the paper's lambda = 8.0).
         template: The hand-written prompt, ``{}`` standing for the class name.
-        n_ctx: Number of context vectors.
-        ctx_init: Words whose embeddings initialise the context.
-        class_specific: One context per class.
-        trim_padding: Run the text tower without the prompts' common trailing padding.
+        **context: CoOp's context settings: n_ctx, ctx_init, class_specific, trim_padding.
     """
 
     def __init__(
@@ -50,19 +48,9 @@ class KgCoOp(CoOp):
         *,
         kg_weight: float = 8.0,
         template: str = "a photo of a {}.",
-        n_ctx: int = 4,
-        ctx_init: str | None = "a photo of a",
-        class_specific: bool = False,
-        trim_padding: bool = True,
+        **context: Any,
     ) -> None:
-        super().__init__(
-            backbone,
-            classnames,
-            n_ctx=n_ctx,
-            ctx_init=ctx_init,
-            class_specific=class_specific,
-            trim_padding=trim_padding,
-        )
+        super().__init__(backbone, classnames, **context)
         self.kg_weight = kg_weight
         self.zeroshot_features = template_features(backbone, self.classnames, [template])
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fedprompt.backbones import Backbone
-from fedprompt.learners.coop import CoOp
+from fedprompt.learners.description_prompts import DescriptionGuidedCoOp
 from fedprompt.learners.distillation import (
     DescriptionTeacher,
     class_graph,
@@ -18,7 +19,6 @@ from fedprompt.learners.distillation import (
     top_patches,
 )
 from fedprompt.learners.registry import register_learner
-from fedprompt.text.descriptions import load_descriptions
 
 
 def joint_space_patches(backbone: Backbone, tokens: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ def joint_space_patches(backbone: Backbone, tokens: torch.Tensor) -> torch.Tenso
 
 
 @register_learner("ogkd")
-class OGKD(CoOp):
+class OGKD(DescriptionGuidedCoOp):
     """CoOp with loss CE + SCCM + ``gad_weight`` * GAD + ``lgd_weight`` * LGD.
 
     The teacher is BiomedCoOp's filtered description ensemble. GAD distils it on the pooled
@@ -65,12 +65,8 @@ class OGKD(CoOp):
         gamma: Strength of the graph smoothing (0.5).
         top_k_ratio: Share of patch tokens LGD distils (0.4).
         tau: Outlier threshold of the teacher's prompt-set filter (1.5).
-        descriptions: A bundled set's name or a JSON file; None picks the bundled set covering
-            the classes.
-        n_ctx: Number of context vectors.
-        ctx_init: Words whose embeddings initialise the context.
-        class_specific: One context per class.
-        trim_padding: Run the text tower without the prompts' common trailing padding.
+        **context: ``DescriptionGuidedCoOp``'s settings: descriptions, and CoOp's context
+            settings n_ctx, ctx_init, class_specific, trim_padding.
     """
 
     required_inputs = ("patch_tokens",)
@@ -88,20 +84,9 @@ class OGKD(CoOp):
         gamma: float = 0.5,
         top_k_ratio: float = 0.4,
         tau: float = 1.5,
-        descriptions: str | None = None,
-        n_ctx: int = 4,
-        ctx_init: str | None = "a photo of a",
-        class_specific: bool = False,
-        trim_padding: bool = True,
+        **context: Any,
     ) -> None:
-        super().__init__(
-            backbone,
-            classnames,
-            n_ctx=n_ctx,
-            ctx_init=ctx_init,
-            class_specific=class_specific,
-            trim_padding=trim_padding,
-        )
+        super().__init__(backbone, classnames, **context)
         if not 0 < top_k_ratio <= 1:
             raise ValueError(f"top_k_ratio must lie in (0, 1], got {top_k_ratio}")
         self.sccm_weight = sccm_weight
@@ -109,9 +94,7 @@ class OGKD(CoOp):
         self.lgd_weight = lgd_weight
         self.gamma = gamma
         self.top_k_ratio = top_k_ratio
-        found = load_descriptions(self.classnames, descriptions)
-        self.description_source = found.source
-        self.teacher = DescriptionTeacher(backbone, self.classnames, found, tau)
+        self.teacher = DescriptionTeacher(backbone, self.classnames, self.class_descriptions, tau)
         self.graph = class_graph(self.teacher.means, alpha)
 
     def loss(

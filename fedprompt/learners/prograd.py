@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +58,7 @@ class ProGrad(CoOp):
         temperature: Distillation temperature T (the paper's 1.0).
         strength: Projection strength lambda (the paper's 1.0).
         template: The hand-written zero-shot prompt, ``{}`` standing for the class name.
-        n_ctx: Number of context vectors.
-        ctx_init: Words whose embeddings initialise the context.
-        class_specific: One context per class.
-        trim_padding: Run the text tower without the prompts' common trailing padding.
+        **context: CoOp's context settings: n_ctx, ctx_init, class_specific, trim_padding.
     """
 
     text_feature_only = False
@@ -74,19 +72,9 @@ class ProGrad(CoOp):
         temperature: float = 1.0,
         strength: float = 1.0,
         template: str = "a photo of a {}.",
-        n_ctx: int = 4,
-        ctx_init: str | None = "a photo of a",
-        class_specific: bool = False,
-        trim_padding: bool = True,
+        **context: Any,
     ) -> None:
-        super().__init__(
-            backbone,
-            classnames,
-            n_ctx=n_ctx,
-            ctx_init=ctx_init,
-            class_specific=class_specific,
-            trim_padding=trim_padding,
-        )
+        super().__init__(backbone, classnames, **context)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature

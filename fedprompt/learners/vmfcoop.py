@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fedprompt.backbones import Backbone
-from fedprompt.learners.coop import CoOp
+from fedprompt.learners.description_prompts import DescriptionGuidedCoOp
 from fedprompt.learners.frozen_text import check_templates, encode_sentences
 from fedprompt.learners.registry import register_learner
-from fedprompt.text.descriptions import load_descriptions
 
 _MAX_RESULTANT = 1.0 - 1e-6
 
@@ -101,7 +101,7 @@ def annealed_temperature(step: int, start: float, end: float, steps: int) -> flo
 
 
 @register_learner("vmfcoop")
-class VMFCoOp(CoOp):
+class VMFCoOp(DescriptionGuidedCoOp):
     """CoOp with loss SCE + ``anchor_weight`` * anchor + ``contrastive_weight`` * contrastive.
 
     Each class gets a unified semantic anchor: vMF distributions are fitted to the frozen features
@@ -121,12 +121,8 @@ class VMFCoOp(CoOp):
         tau_end: Contrastive temperature after ``anneal_steps`` updates.
         anneal_steps: Length of the cosine annealing, in updates.
         templates: Hand-written prompts for the backbone-side distribution.
-        descriptions: A bundled set's name or a JSON file; None picks the bundled set covering
-            the classes.
-        n_ctx: Number of context vectors.
-        ctx_init: Words whose embeddings initialise the context.
-        class_specific: One context per class.
-        trim_padding: Run the text tower without the prompts' common trailing padding.
+        **context: ``DescriptionGuidedCoOp``'s settings: descriptions, and CoOp's context
+            settings n_ctx, ctx_init, class_specific, trim_padding.
     """
 
     per_sample_loss = False
@@ -149,20 +145,9 @@ class VMFCoOp(CoOp):
             "an image showing {}.",
             "a scan of {}.",
         ),
-        descriptions: str | None = None,
-        n_ctx: int = 4,
-        ctx_init: str | None = "a photo of a",
-        class_specific: bool = False,
-        trim_padding: bool = True,
+        **context: Any,
     ) -> None:
-        super().__init__(
-            backbone,
-            classnames,
-            n_ctx=n_ctx,
-            ctx_init=ctx_init,
-            class_specific=class_specific,
-            trim_padding=trim_padding,
-        )
+        super().__init__(backbone, classnames, **context)
         check_templates(templates)
         if tau_start <= 0 or tau_end <= 0:
             raise ValueError(f"temperatures must be positive, got {tau_start}, {tau_end}")
@@ -172,12 +157,10 @@ class VMFCoOp(CoOp):
         self.sce_beta = sce_beta
         self.tau_start, self.tau_end, self.anneal_steps = tau_start, tau_end, anneal_steps
         self.steps_taken = 0
-        found = load_descriptions(self.classnames, descriptions)
-        self.description_source = found.source
         anchors, concentrations = [], []
         for name in self.classnames:
             prompts = fit_vmf(encode_sentences(backbone, [t.format(name) for t in templates]))
-            described = fit_vmf(encode_sentences(backbone, found[name]))
+            described = fit_vmf(encode_sentences(backbone, self.class_descriptions[name]))
             direction, kappa = fuse_vmf(
                 torch.stack([prompts[0], described[0]]), torch.stack([prompts[1], described[1]])
             )
