@@ -21,8 +21,10 @@ class BiomedCoOp(DescriptionGuidedCoOp):
     SCCM pulls each learned class feature towards the mean feature of the class's descriptions;
     KDSP distils from a zero-shot teacher built from the descriptions, after dropping outlying
     prompt sets with the median/MAD filter (threshold ``tau``). Descriptions are public, so SCCM
-    uses no private data and every term reaches the context through the class text features; the
-    teacher's filter is computed on the whole batch, so the loss is not a sum of per-sample terms.
+    uses no private data (``public_loss``; DP-SGD neither clips nor noises it) and every term
+    reaches the context through the class text features; the teacher's filter is computed on the
+    whole batch, so the loss is not a sum of per-sample terms, and DP-SGD takes the private
+    terms (``private_loss``) one image at a time.
 
     Args:
         backbone: The shared frozen backbone.
@@ -35,6 +37,7 @@ class BiomedCoOp(DescriptionGuidedCoOp):
     """
 
     per_sample_loss = False
+    record_loss_note = "the teacher's prompt-set filter is computed per image, not per batch"
 
     def __init__(
         self,
@@ -51,17 +54,33 @@ class BiomedCoOp(DescriptionGuidedCoOp):
         self.kdsp_weight = kdsp_weight
         self.teacher = DescriptionTeacher(backbone, self.classnames, self.class_descriptions, tau)
 
+    def _private_terms(
+        self, text: torch.Tensor, image_features: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        images = image_features.to(text)
+        logits = self._logit_scale * images @ text.t()
+        teacher = self._logit_scale * images @ self.teacher.features(images, self._logit_scale).t()
+        return F.cross_entropy(logits, labels.to(logits.device)) + self.kdsp_weight * kl_to_teacher(
+            logits, F.log_softmax(teacher, dim=-1)
+        )
+
     def loss(
         self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor
     ) -> torch.Tensor:
         """CE + SCCM + KDSP, with the class features computed once for all three."""
         self.check_extras(extras)
         text = self.text_features()
-        images = image_features.to(text)
-        logits = self._logit_scale * images @ text.t()
-        teacher = self._logit_scale * images @ self.teacher.features(images, self._logit_scale).t()
-        return (
-            F.cross_entropy(logits, labels.to(logits.device))
-            + self.sccm_weight * sccm_loss(text, self.teacher.means)
-            + self.kdsp_weight * kl_to_teacher(logits, F.log_softmax(teacher, dim=-1))
+        return self._private_terms(text, image_features, labels) + self.sccm_weight * sccm_loss(
+            text, self.teacher.means
         )
+
+    def private_loss(
+        self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor
+    ) -> torch.Tensor:
+        """CE + KDSP: the terms that read the site's images."""
+        self.check_extras(extras)
+        return self._private_terms(self.text_features(), image_features, labels)
+
+    def public_loss(self) -> torch.Tensor:
+        """SCCM: the class features against the public descriptions' mean features."""
+        return self.sccm_weight * sccm_loss(self.text_features(), self.teacher.means)

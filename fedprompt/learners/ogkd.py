@@ -71,6 +71,7 @@ class OGKD(DescriptionGuidedCoOp):
 
     required_inputs = ("patch_tokens",)
     per_sample_loss = False
+    record_loss_note = "the teacher's prompt-set filter is computed per image, not per batch"
 
     def __init__(
         self,
@@ -97,18 +98,20 @@ class OGKD(DescriptionGuidedCoOp):
         self.teacher = DescriptionTeacher(backbone, self.classnames, self.class_descriptions, tau)
         self.graph = class_graph(self.teacher.means, alpha)
 
-    def loss(
-        self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor
+    def _private_terms(
+        self,
+        text: torch.Tensor,
+        image_features: torch.Tensor,
+        labels: torch.Tensor,
+        patch_tokens: torch.Tensor,
     ) -> torch.Tensor:
-        """CE + SCCM + GAD + LGD; ``patch_tokens`` must come with the batch."""
-        self.check_extras(extras)
+        """CE + GAD + LGD: every term that reads the site's images."""
         scale = self._logit_scale
-        text = self.text_features()
         images = image_features.to(text)
         labels = labels.to(text.device)
         logits = scale * images @ text.t()
         teacher = self.teacher.features(images, scale)
-        patches = joint_space_patches(self.backbone, extras["patch_tokens"]).to(text)
+        patches = joint_space_patches(self.backbone, patch_tokens).to(text)
         with torch.no_grad():
             patch_teacher = scale * patches @ teacher.t()
             chosen = top_patches(patch_teacher, labels, self.top_k_ratio)
@@ -118,9 +121,25 @@ class OGKD(DescriptionGuidedCoOp):
         )
         gad = gad_loss(logits, scale * images @ teacher.t(), self.graph, self.gamma)
         lgd = lgd_loss(scale * picked @ text.t(), picked_teacher, self.graph, labels, self.gamma)
-        return (
-            F.cross_entropy(logits, labels)
-            + self.sccm_weight * sccm_loss(text, self.teacher.means)
-            + self.gad_weight * gad
-            + self.lgd_weight * lgd
-        )
+        return F.cross_entropy(logits, labels) + self.gad_weight * gad + self.lgd_weight * lgd
+
+    def loss(
+        self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor
+    ) -> torch.Tensor:
+        """CE + SCCM + GAD + LGD; ``patch_tokens`` must come with the batch."""
+        self.check_extras(extras)
+        text = self.text_features()
+        private = self._private_terms(text, image_features, labels, extras["patch_tokens"])
+        return private + self.sccm_weight * sccm_loss(text, self.teacher.means)
+
+    def private_loss(
+        self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor
+    ) -> torch.Tensor:
+        """CE + GAD + LGD, the terms DP-SGD clips and noises."""
+        self.check_extras(extras)
+        text = self.text_features()
+        return self._private_terms(text, image_features, labels, extras["patch_tokens"])
+
+    def public_loss(self) -> torch.Tensor:
+        """SCCM: the class features against the public descriptions' mean features."""
+        return self.sccm_weight * sccm_loss(self.text_features(), self.teacher.means)

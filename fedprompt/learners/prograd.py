@@ -50,7 +50,8 @@ class ProGrad(CoOp):
     ``loss`` returns the cross-entropy's value, but a tensor whose gradient is the projected
     gradient (two backward passes through the text tower inside ``loss``), so an ordinary
     ``loss.backward(); optimizer.step()`` loop applies ProGrad's update. The projection uses the
-    batch's summed gradients, so the loss is not a sum of per-sample terms.
+    batch's summed gradients, so the loss is not a sum of per-sample terms; DP-SGD projects each
+    image's own gradient instead, then clips it.
 
     Args:
         backbone: The shared frozen backbone.
@@ -63,6 +64,7 @@ class ProGrad(CoOp):
 
     text_feature_only = False
     per_sample_loss = False
+    record_loss_note = "the projection is applied to each image's gradient, not the batch's"
 
     def __init__(
         self,

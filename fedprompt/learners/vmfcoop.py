@@ -126,6 +126,9 @@ class VMFCoOp(DescriptionGuidedCoOp):
     """
 
     per_sample_loss = False
+    record_loss_note = (
+        "the spherical contrastive loss sees one image, so only its image-to-class half remains"
+    )
 
     def __init__(
         self,
@@ -174,21 +177,48 @@ class VMFCoOp(DescriptionGuidedCoOp):
         steps = self.steps_taken
         return annealed_temperature(steps, self.tau_start, self.tau_end, self.anneal_steps)
 
+    def _private_terms(
+        self, text: torch.Tensor, image_features: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """SCE + spherical contrastive: the terms that read the site's images."""
+        images = image_features.to(text)
+        labels = labels.to(text.device)
+        logits = self._logit_scale * images @ text.t()
+        return symmetric_cross_entropy(
+            logits, labels, self.sce_alpha, self.sce_beta
+        ) + self.contrastive_weight * spherical_contrastive_loss(
+            images, text, labels, self.temperature()
+        )
+
+    def _anchor_term(self, text: torch.Tensor) -> torch.Tensor:
+        return self.anchor_weight * anchor_loss(text, self.anchors.to(text), self.concentrations)
+
+    def _advance(self) -> None:
+        if self.training and torch.is_grad_enabled():
+            self.steps_taken += 1
+
     def loss(
         self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor
     ) -> torch.Tensor:
         """SCE + anchor + spherical contrastive; advances the temperature schedule when training."""
         self.check_extras(extras)
         text = self.text_features()
-        images = image_features.to(text)
-        labels = labels.to(text.device)
-        logits = self._logit_scale * images @ text.t()
-        value = (
-            symmetric_cross_entropy(logits, labels, self.sce_alpha, self.sce_beta)
-            + self.anchor_weight * anchor_loss(text, self.anchors.to(text), self.concentrations)
-            + self.contrastive_weight
-            * spherical_contrastive_loss(images, text, labels, self.temperature())
-        )
-        if self.training and torch.is_grad_enabled():
-            self.steps_taken += 1
+        value = self._private_terms(text, image_features, labels) + self._anchor_term(text)
+        self._advance()
+        return value
+
+    def private_loss(
+        self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor
+    ) -> torch.Tensor:
+        """SCE + contrastive, which DP-SGD clips per record (the schedule does not advance)."""
+        self.check_extras(extras)
+        return self._private_terms(self.text_features(), image_features, labels)
+
+    def public_loss(self) -> torch.Tensor:
+        """The anchor term (public prompts and descriptions only).
+
+        DP-SGD calls it once per step, so it advances the temperature schedule there.
+        """
+        value = self._anchor_term(self.text_features())
+        self._advance()
         return value
