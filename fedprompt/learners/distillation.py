@@ -55,16 +55,16 @@ def prompt_set_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
     keep_all = torch.ones_like(scores, dtype=torch.bool)
     if scores.numel() < 3:
         return keep_all
+    # Written without data-dependent branches, so that it also runs under torch.func.vmap
+    # (exact DP-SGD evaluates the filter one record at a time).
     median = scores.median()
     mad = (scores - median).abs().median()
-    if mad <= 0:
-        return keep_all
-    z = (scores - median) / mad
+    z = (scores - median) / torch.where(mad > 0, mad, torch.ones_like(mad))
     spread = z.std()
-    if not torch.isfinite(spread) or spread <= 0:
-        return keep_all
-    keep = ((z - z.mean()) / spread).abs() <= tau
-    return keep if bool(keep.any()) else keep_all
+    usable = (mad > 0) & torch.isfinite(spread) & (spread > 0)
+    standardised = (z - z.mean()) / torch.where(usable, spread, torch.ones_like(spread))
+    keep = (standardised.abs() <= tau) & usable
+    return torch.where(keep.any(), keep, keep_all)
 
 
 def class_graph(prototypes: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -165,5 +165,6 @@ class DescriptionTeacher:
             bank = self.bank.to(image_features)
             logits = logit_scale * torch.einsum("bd,cpd->bpc", image_features, bank)
             scores = logits.max(dim=-1).values.mean(dim=0)
-            keep = prompt_set_mask(scores, self.tau)
-            return F.normalize(bank[:, keep].mean(dim=1), dim=-1)
+            keep = prompt_set_mask(scores, self.tau).to(bank)
+            kept = (bank * keep[None, :, None]).sum(dim=1) / keep.sum()
+            return F.normalize(kept, dim=-1)
