@@ -1,4 +1,4 @@
-"""The ``fedprompt`` command: run simulations, inspect configs, fetch data and backbones."""
+"""The ``fedprompt`` command: run simulations, tables and studies; inspect configs; fetch data."""
 
 from __future__ import annotations
 
@@ -99,6 +99,113 @@ def _site_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _out_folder(out: str | None, kind: str) -> Path:
+    from fedprompt.experiments.grid import default_out
+
+    return Path(out).expanduser().resolve() if out else default_out(kind)
+
+
+def _interrupted(out: Path) -> int:
+    print(
+        f"fedprompt: interrupted; finished points are kept in {out}: repeat the command to resume.",
+        file=sys.stderr,
+    )
+    return 130
+
+
+def _table(args: argparse.Namespace) -> int:
+    from fedprompt.experiments.table import run_table, table_grid
+
+    overrides = list(args.overrides)
+    grid = table_grid(
+        args.experiment,
+        overrides,
+        methods=args.methods,
+        datasets=args.datasets,
+        shots=args.shots,
+        base_to_novel=args.base_to_novel,
+        base_to_novel_shots=args.base_to_novel_shots,
+        seeds=args.seeds,
+    )
+    out = _out_folder(args.out, "table")
+    try:
+        outcomes, markdown, table_csv = run_table(args.experiment, grid, overrides, out)
+    except KeyboardInterrupt:
+        return _interrupted(out)
+    print(f"fedprompt: table in {markdown} and {table_csv}")
+    return 0 if all(outcome.ok for outcome in outcomes) else 1
+
+
+def _privacy_study(args: argparse.Namespace) -> int:
+    from fedprompt.experiments.privacy_study import run_privacy_study
+
+    out = _out_folder(args.out, "study-privacy")
+    try:
+        outcomes, written = run_privacy_study(args.experiment, list(args.overrides), out)
+    except KeyboardInterrupt:
+        return _interrupted(out)
+    names = ", ".join(str(path.relative_to(out)) for path in written)
+    print(f"fedprompt: privacy study in {out}: {names}")
+    return 0 if all(outcome.ok for outcome in outcomes) else 1
+
+
+def _add_grid_commands(commands: argparse._SubParsersAction) -> None:
+    """``fedprompt table`` and ``fedprompt study privacy``: grids of simulations, resumable."""
+    table = commands.add_parser(
+        "table",
+        help="methods x datasets x protocols x seeds, centralized beside federated: table.md/.csv",
+    )
+    table.add_argument("experiment", choices=list_choices("experiment"))
+    table.add_argument(
+        "--methods", metavar="NAME,...", help="comma list (default: the experiment's method)"
+    )
+    table.add_argument(
+        "--datasets", metavar="NAME,...", help="comma list (default: the experiment's dataset)"
+    )
+    table.add_argument(
+        "--shots", metavar="K,...", help="few-shot protocols, images per class, e.g. 1,2,4,8,16"
+    )
+    table.add_argument(
+        "--base-to-novel",
+        action="store_true",
+        help="add the base-to-novel protocol (base, novel, HM)",
+    )
+    table.add_argument(
+        "--base-to-novel-shots",
+        type=int,
+        default=16,
+        metavar="K",
+        help="images per base class in base-to-novel (default 16)",
+    )
+    table.add_argument(
+        "--seeds", default="1,2,3", metavar="S,...", help="comma list (default 1,2,3)"
+    )
+    table.add_argument(
+        "--out", metavar="DIR", help="study folder (default runs/table-<date>-<time>)"
+    )
+    table.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    table.set_defaults(func=_table)
+
+    study = commands.add_parser("study", help="studies: sweeps of simulations").add_subparsers(
+        dest="study", required=True
+    )
+    privacy = study.add_parser(
+        "privacy",
+        help="accuracy and membership inference against epsilon: privacy.csv/.md and plots",
+    )
+    privacy.add_argument("experiment", choices=list_choices("experiment"))
+    privacy.add_argument(
+        "--out", metavar="DIR", help="study folder (default runs/study-privacy-<date>-<time>)"
+    )
+    privacy.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides in sweep grammar, e.g. privacy.epsilon=inf,8,4,2,1 seed=1,2 "
+        "(privacy.epsilon defaults to inf,8,4,2,1; inf means no DP)",
+    )
+    privacy.set_defaults(func=_privacy_study)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; overrides are Hydra's ``key=value`` syntax."""
     parser = argparse.ArgumentParser(prog="fedprompt", description=__doc__)
@@ -150,12 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="local-dir:/path to re-home an existing copy (default: BiomedCLIP from the hub)",
     )
     save.set_defaults(func=_save_backbone)
+    _add_grid_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedprompt`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`table quickstart --seeds 1 federation.rounds=2`); argparse
+    # leaves those after the first option unparsed.
+    if extra and (not hasattr(args, "overrides") or any(x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args))
     except USER_ERRORS as err:

@@ -1,12 +1,14 @@
 """Stopping a private SuperLink stops every process it started, Ray's daemons included."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from fedprompt.federation.local_simulation import _group_alive, _stop
+from fedprompt.federation.local_simulation import _group_alive, _stop, _terminate_as_interrupt
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -33,3 +35,11 @@ def test_stop_ends_the_group_and_the_groups_it_started():
         time.sleep(0.1)
     assert parent.poll() is not None
     assert not _group_alive(grandchild)
+
+
+def test_sigterm_becomes_an_interrupt_and_the_handler_is_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), _terminate_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -211,6 +211,28 @@ def write_run_config(path: Path, run_config: dict[str, object]) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler ending the job, ``kill``) stops the run as Ctrl-C does.
+
+    The SuperLink and Ray run in sessions of their own, so only this process can stop them; a
+    plain SIGTERM would end it without running the clean-up.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def simulate(experiment: str, overrides: Sequence[str], cfg: DictConfig) -> int:
     """Run the experiment on a private local SuperLink; returns ``flwr run``'s exit code."""
     with tempfile.TemporaryDirectory(prefix="fedprompt-sim-") as tmp:
@@ -220,7 +242,7 @@ def simulate(experiment: str, overrides: Sequence[str], cfg: DictConfig) -> int:
             workdir / "run-config.toml", overrides_to_run_config(experiment, overrides)
         )
         try:
-            with private_superlink(workdir) as env:
+            with _terminate_as_interrupt(), private_superlink(workdir) as env:
                 command = flwr_run_command(app_dir, run_config, cfg)
                 return subprocess.run(command, env=env, check=False).returncode
         except KeyboardInterrupt:

@@ -1,0 +1,1 @@
+"""Grids of runs behind ``fedprompt table`` and ``fedprompt study``: resume, tables, plots."""
