@@ -170,7 +170,8 @@ def test_unknown_format_is_a_data_error():
 
 
 def test_every_config_is_named_after_its_file_and_matches_the_registry():
-    stems = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+    # A variant (btmri_mini: BTMRI with the shipped root) builds on a base config via defaults.
+    stems = sorted(p.stem for p in CONFIGS.glob("*.yaml") if "defaults" not in _yaml(p.stem))
     assert stems == list_datasets()
     for stem in stems:
         cfg = _yaml(stem)
@@ -234,3 +235,17 @@ def test_labels_are_int64(tmp_path):
     assert splits.train.labels.dtype == np.int64
     assert splits.classnames == ["cat a", "cat b"]
     assert splits.num_classes == 2
+
+
+def test_the_btmri_mini_variant_is_btmri_with_the_shipped_root():
+    from fedprompt.config import compose_config
+
+    mini = compose_config(None, ["dataset=btmri_mini"]).dataset
+    base = compose_config(None, ["dataset=btmri"]).dataset
+    assert mini.root == "../shared/data/btmri-mini" and mini.synthetic_fallback
+    assert {k: v for k, v in mini.items() if k not in ("name", "root", "synthetic_fallback")} == {
+        k: v for k, v in base.items() if k not in ("name", "root")
+    }
+    # Choosing another dataset drops the shipped root with the rest of the group.
+    other = compose_config("quickstart", ["dataset=synthetic"]).dataset
+    assert "btmri-mini" not in str(other.root)

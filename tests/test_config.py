@@ -12,7 +12,7 @@ def test_quickstart_composes_offline_defaults():
     cfg = compose_config("quickstart")
     assert cfg.experiment_name == "quickstart"
     assert cfg.backbone.spec == "miniature"
-    assert cfg.dataset.name == "btmri"
+    assert cfg.dataset.name == "btmri_mini"
     assert cfg.method.name == "coop" and cfg.method.n_ctx == 4
 
 

@@ -20,7 +20,7 @@ from fedprompt.text.descriptions import (
 
 DATASET_CONFIGS = Path(__file__).parents[1] / "configs" / "dataset"
 DATASETS = {
-    path.stem: yaml.safe_load(path.read_text())["classnames"]
+    path.stem: yaml.safe_load(path.read_text()).get("classnames")
     for path in sorted(DATASET_CONFIGS.glob("*.yaml"))
 }
 NAMED = {name: classes for name, classes in DATASETS.items() if classes}

@@ -87,7 +87,7 @@ def test_points_cross_everything_and_run_each_cell_twice():
 
 def test_grid_from_options_defaults_to_the_experiments_method_and_dataset():
     grid = table_grid("quickstart", [], shots="1,2,2", seeds="1,2")
-    assert grid.methods == ("coop",) and grid.datasets == ("btmri",)
+    assert grid.methods == ("coop",) and grid.datasets == ("btmri_mini",)
     assert grid.protocols == (Protocol(FEW_SHOT, 1), Protocol(FEW_SHOT, 2))
     assert grid.seeds == (1, 2)
     both = table_grid("quickstart", [], methods="coop,kgcoop", shots="4", base_to_novel=True)
