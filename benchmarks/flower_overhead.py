@@ -88,7 +88,7 @@ def direct_round(cfg: DictConfig) -> None:
     for site in range(sites):
         evaluate_round(cfg, site, state)
     features, labels = PROCESS_FEATURE_CACHE.get(
-        backbone, splits.test, int(cfg.evaluation.batch_size)
+        backbone, splits.test, int(cfg.features.batch_size)
     )
     evaluate(learner, features, labels, len(splits.classnames))
 
@@ -146,7 +146,7 @@ def clientapp_round(cfg: DictConfig, overrides: list[str]) -> None:
     assert arrays is not None
     learner.load_trainable_state(arrays.to_torch_state_dict())
     features, labels = PROCESS_FEATURE_CACHE.get(
-        backbone, splits.test, int(cfg.evaluation.batch_size)
+        backbone, splits.test, int(cfg.features.batch_size)
     )
     evaluate(learner, features, labels, len(splits.classnames))
 

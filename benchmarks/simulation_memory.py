@@ -11,8 +11,8 @@ same whatever the number of sites), two rounds, central evaluation on. A sampler
 process tree from the command every ``--interval`` seconds (plus any process that inherited this
 run's marker variable, in case one was re-parented) and sums VmRSS (and PSS, which counts shared
 pages once) over all of them; the peak of that sum is reported with its share per process kind.
-The image-tower batch is fixed (``features.batch_size`` and ``evaluation.batch_size`` 16), so
-that a larger test split does not mean larger activations.
+The image-tower batch is fixed (``features.batch_size`` 16), so that a larger test split does
+not mean larger activations.
 """
 
 from __future__ import annotations
@@ -157,7 +157,6 @@ def run_simulation(sites: int, args: argparse.Namespace, workdir: Path) -> dict:
         f"federation.client_cpus={args.client_cpus}",
         "train.local_epochs=1",
         "features.batch_size=16",
-        "evaluation.batch_size=16",
         f"features.cache_dir={workdir / 'features'}",
         f"output_dir={workdir / 'run'}",
     ]
