@@ -359,9 +359,10 @@ def describe_settings(cfg: DictConfig) -> str:
     """The settings every cell shares, in one sentence for the top of ``table.md``."""
     return (
         f"Backbone {cfg.backbone.name}, {cfg.federation.rounds} rounds of "
-        f"{cfg.train.local_epochs} local epochs; central: one site holding every training image; "
-        f"federated: {cfg.federation.num_sites} sites, {cfg.partition.name} partition, "
-        f"{cfg.strategy.name}."
+        f"{cfg.train.local_epochs} local epochs; central: one site holding the whole training "
+        f"split; federated: {cfg.federation.num_sites} sites ({cfg.partition.name} partition, "
+        f"{cfg.strategy.name}). K shots are K images per class at each site, drawn from what the "
+        "site holds."
     )
 
 
