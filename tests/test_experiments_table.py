@@ -152,7 +152,7 @@ def test_table_files_hold_mean_and_std_over_seeds(tmp_path, capsys):
     assert "| kgcoop | 61.0 ± 1.4 | 46.0 (1 failed) |" in table
     assert "| method | base central | base federated | novel central | novel federated |" in table
     assert "### Base-to-novel (16 shots)" in table and "## btmri" in table
-    assert "3 sites, iid partition" in table  # the quickstart's federation
+    assert "3 sites (iid partition" in table  # the quickstart's federation
 
 
 def test_a_run_that_ignored_its_protocol_is_not_counted(tmp_path, capsys):
