@@ -198,10 +198,10 @@ def test_table_end_to_end_on_the_quickstart(tmp_path, capsys):
     argv += ["--out", str(out), "federation.rounds=1"]
     assert main(argv) == 0, capsys.readouterr()
     printed = capsys.readouterr().out
-    assert "[1/2] btmri coop 1-shot central seed=1 ..." in printed
-    assert "[2/2] btmri coop 1-shot federated seed=1 ..." in printed
+    assert "[1/2] btmri_mini coop 1-shot central seed=1 ..." in printed
+    assert "[2/2] btmri_mini coop 1-shot federated seed=1 ..." in printed
     for setting, sites in (("central", 1), ("federated", 3)):
-        folder = out / "btmri/coop/shots-1" / setting / "seed-1"
+        folder = out / "btmri_mini/coop/shots-1" / setting / "seed-1"
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["num_sites"] == sites and summary["rounds"] == 1
         assert summary["protocol"] == {"name": "few_shot", "shots": 1}
