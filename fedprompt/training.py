@@ -58,7 +58,7 @@ def required_inputs(learner: Learner) -> tuple[str, ...]:
     return needs
 
 
-def _gather_tokens(
+def gather_patch_tokens(
     patch_tokens: Sequence[torch.Tensor],
     rows: torch.Tensor,
     views: torch.Tensor,
@@ -142,7 +142,7 @@ def train_local(
                 extras["views"] = cached[rows]
             if "patch_tokens" in needs and patch_tokens is not None:
                 cpu_rows = order[begin : begin + batch_size]
-                extras["patch_tokens"] = _gather_tokens(
+                extras["patch_tokens"] = gather_patch_tokens(
                     patch_tokens, cpu_rows, chosen[cpu_rows], device
                 )
             loss = learner.loss(cached[rows, chosen_on_device[rows]], labels[rows], **extras)

@@ -21,7 +21,7 @@ from fedprompt.privacy.loss_split import public_loss, resolve_clipping
 from fedprompt.privacy.noisy_aggregation import PrivateGradient
 from fedprompt.privacy.per_sample_gradients import ExactClipping
 from fedprompt.privacy.text_feature_clipping import TextFeatureClipping
-from fedprompt.training import TrainStats, make_optimizer, required_inputs
+from fedprompt.training import TrainStats, gather_patch_tokens, make_optimizer, required_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -86,20 +86,6 @@ def _generators(
     sampling = torch.Generator().manual_seed(int(sampling_seed))
     noise = torch.Generator(device=device).manual_seed(int(noise_seed))
     return sampling, noise
-
-
-def _gather_patch_tokens(
-    patch_tokens: Sequence[torch.Tensor],
-    rows: torch.Tensor,
-    views: torch.Tensor,
-    device: torch.device,
-) -> torch.Tensor:
-    """float32 patch tokens (B, P, Dp) of record ``rows[i]`` in view ``views[i]``."""
-    out = torch.empty((len(rows), *patch_tokens[0].shape[1:]), dtype=torch.float32)
-    for view in views.unique().tolist():
-        chosen = views == view
-        out[chosen] = patch_tokens[view][rows[chosen]].float()
-    return out.to(device)
 
 
 def dp_train_local(
@@ -224,7 +210,7 @@ def dp_train_local(
                 if "views" in needs:
                     extras["views"] = cached[rows_on_device]
                 if "patch_tokens" in needs and patch_tokens is not None:
-                    extras["patch_tokens"] = _gather_patch_tokens(patch_tokens, rows, views, device)
+                    extras["patch_tokens"] = gather_patch_tokens(patch_tokens, rows, views, device)
                 optimizer.zero_grad(set_to_none=True)
                 batch_loss = clipper.private_gradient(
                     cached[rows_on_device, views_on_device], labels[rows_on_device], extras
