@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from fedprompt.backbones import Backbone
-from fedprompt.learners.description_prompts import DescriptionGuidedCoOp
-from fedprompt.learners.distillation import DescriptionTeacher, kl_to_teacher, sccm_loss
+from fedprompt.learners.description_prompts import DescriptionTeacherCoOp
+from fedprompt.learners.distillation import kl_to_teacher
 from fedprompt.learners.registry import register_learner
 
 
 @register_learner("biomedcoop")
-class BiomedCoOp(DescriptionGuidedCoOp):
+class BiomedCoOp(DescriptionTeacherCoOp):
     """CoOp with loss CE + ``sccm_weight`` * SCCM + ``kdsp_weight`` * KDSP.
 
     SCCM pulls each learned class feature towards the mean feature of the class's descriptions;
@@ -29,30 +29,21 @@ class BiomedCoOp(DescriptionGuidedCoOp):
     Args:
         backbone: The shared frozen backbone.
         classnames: One name per class, in label order.
-        sccm_weight: Weight of SCCM (BTMRI few-shot: 0.5).
         kdsp_weight: Weight of KDSP (BTMRI few-shot: 0.25).
-        tau: Outlier threshold of the prompt-set filter (BTMRI few-shot: 1.5).
-        **context: ``DescriptionGuidedCoOp``'s settings: descriptions, and CoOp's context
-            settings n_ctx, ctx_init, class_specific, trim_padding.
+        **teacher: ``DescriptionTeacherCoOp``'s settings: sccm_weight, tau, descriptions, and
+            CoOp's context settings n_ctx, ctx_init, class_specific, trim_padding.
     """
-
-    per_sample_loss = False
-    record_loss_note = "the teacher's prompt-set filter is computed per image, not per batch"
 
     def __init__(
         self,
         backbone: Backbone,
         classnames: Sequence[str],
         *,
-        sccm_weight: float = 0.5,
         kdsp_weight: float = 0.25,
-        tau: float = 1.5,
-        **context: Any,
+        **teacher: Any,
     ) -> None:
-        super().__init__(backbone, classnames, **context)
-        self.sccm_weight = sccm_weight
+        super().__init__(backbone, classnames, **teacher)
         self.kdsp_weight = kdsp_weight
-        self.teacher = DescriptionTeacher(backbone, self.classnames, self.class_descriptions, tau)
 
     def _private_terms(
         self, text: torch.Tensor, image_features: torch.Tensor, labels: torch.Tensor
@@ -70,9 +61,7 @@ class BiomedCoOp(DescriptionGuidedCoOp):
         """CE + SCCM + KDSP, with the class features computed once for all three."""
         self.check_extras(extras)
         text = self.text_features()
-        return self._private_terms(text, image_features, labels) + self.sccm_weight * sccm_loss(
-            text, self.teacher.means
-        )
+        return self._private_terms(text, image_features, labels) + self.sccm(text)
 
     def private_loss(
         self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor
@@ -80,7 +69,3 @@ class BiomedCoOp(DescriptionGuidedCoOp):
         """CE + KDSP: the terms that read the site's images."""
         self.check_extras(extras)
         return self._private_terms(self.text_features(), image_features, labels)
-
-    def public_loss(self) -> torch.Tensor:
-        """SCCM: the class features against the public descriptions' mean features."""
-        return self.sccm_weight * sccm_loss(self.text_features(), self.teacher.means)

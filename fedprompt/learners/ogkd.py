@@ -9,15 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from fedprompt.backbones import Backbone
-from fedprompt.learners.description_prompts import DescriptionGuidedCoOp
-from fedprompt.learners.distillation import (
-    DescriptionTeacher,
-    class_graph,
-    gad_loss,
-    lgd_loss,
-    sccm_loss,
-    top_patches,
-)
+from fedprompt.learners.description_prompts import DescriptionTeacherCoOp
+from fedprompt.learners.distillation import class_graph, gad_loss, lgd_loss, top_patches
 from fedprompt.learners.registry import register_learner
 
 
@@ -46,7 +39,7 @@ def joint_space_patches(backbone: Backbone, tokens: torch.Tensor) -> torch.Tenso
 
 
 @register_learner("ogkd")
-class OGKD(DescriptionGuidedCoOp):
+class OGKD(DescriptionTeacherCoOp):
     """CoOp with loss CE + SCCM + ``gad_weight`` * GAD + ``lgd_weight`` * LGD.
 
     The teacher is BiomedCoOp's filtered description ensemble. GAD distils it on the pooled
@@ -58,44 +51,37 @@ class OGKD(DescriptionGuidedCoOp):
     Args:
         backbone: The shared frozen backbone.
         classnames: One name per class, in label order.
-        sccm_weight: Weight of SCCM (BTMRI few-shot: 0.5).
         gad_weight: Weight of GAD (BTMRI few-shot: 1.75).
         lgd_weight: Weight of LGD (BTMRI few-shot: 0.05).
         alpha: Sharpness of the class graph (4.0).
         gamma: Strength of the graph smoothing (0.5).
         top_k_ratio: Share of patch tokens LGD distils (0.4).
-        tau: Outlier threshold of the teacher's prompt-set filter (1.5).
-        **context: ``DescriptionGuidedCoOp``'s settings: descriptions, and CoOp's context
-            settings n_ctx, ctx_init, class_specific, trim_padding.
+        **teacher: ``DescriptionTeacherCoOp``'s settings: sccm_weight (0.5), tau (1.5),
+            descriptions, and CoOp's context settings n_ctx, ctx_init, class_specific,
+            trim_padding.
     """
 
     required_inputs = ("patch_tokens",)
-    per_sample_loss = False
-    record_loss_note = "the teacher's prompt-set filter is computed per image, not per batch"
 
     def __init__(
         self,
         backbone: Backbone,
         classnames: Sequence[str],
         *,
-        sccm_weight: float = 0.5,
         gad_weight: float = 1.75,
         lgd_weight: float = 0.05,
         alpha: float = 4.0,
         gamma: float = 0.5,
         top_k_ratio: float = 0.4,
-        tau: float = 1.5,
-        **context: Any,
+        **teacher: Any,
     ) -> None:
-        super().__init__(backbone, classnames, **context)
+        super().__init__(backbone, classnames, **teacher)
         if not 0 < top_k_ratio <= 1:
             raise ValueError(f"top_k_ratio must lie in (0, 1], got {top_k_ratio}")
-        self.sccm_weight = sccm_weight
         self.gad_weight = gad_weight
         self.lgd_weight = lgd_weight
         self.gamma = gamma
         self.top_k_ratio = top_k_ratio
-        self.teacher = DescriptionTeacher(backbone, self.classnames, self.class_descriptions, tau)
         self.graph = class_graph(self.teacher.means, alpha)
 
     def _private_terms(
@@ -130,7 +116,7 @@ class OGKD(DescriptionGuidedCoOp):
         self.check_extras(extras)
         text = self.text_features()
         private = self._private_terms(text, image_features, labels, extras["patch_tokens"])
-        return private + self.sccm_weight * sccm_loss(text, self.teacher.means)
+        return private + self.sccm(text)
 
     def private_loss(
         self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor
@@ -139,7 +125,3 @@ class OGKD(DescriptionGuidedCoOp):
         self.check_extras(extras)
         text = self.text_features()
         return self._private_terms(text, image_features, labels, extras["patch_tokens"])
-
-    def public_loss(self) -> torch.Tensor:
-        """SCCM: the class features against the public descriptions' mean features."""
-        return self.sccm_weight * sccm_loss(self.text_features(), self.teacher.means)
