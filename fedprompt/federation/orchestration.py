@@ -36,7 +36,7 @@ from fedprompt.federation.checkpoint import (
     resumable_checkpoint,
 )
 from fedprompt.federation.metered_grid import MeteredGrid, SiteDirectory
-from fedprompt.federation.run_monitor import DP_KEYS, CentralEvaluation, RunMonitor
+from fedprompt.federation.run_monitor import DP_LINE_KEYS, CentralEvaluation, RunMonitor
 from fedprompt.federation.site_level_dp import (
     SITE_WEIGHT_KEY,
     SiteLevelStrategy,
@@ -288,7 +288,7 @@ def _privacy_summary(cfg: DictConfig, lines: list[dict[str, Any]]) -> dict[str, 
     for line in lines:
         for name, site in line["sites"].items():
             if site.get("dp_epsilon") is not None:
-                latest[name] = {f"dp-{key.replace('_', '-')}": site[f"dp_{key}"] for key in DP_KEYS}
+                latest[name] = {metric: site[key] for key, metric in DP_LINE_KEYS.items()}
     accountant = str(cfg.privacy.accountant)
     return {name: privacy_summary(latest[name], accountant) for name in sorted(latest)}
 

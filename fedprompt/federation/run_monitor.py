@@ -25,8 +25,11 @@ def _weighted(values: Sequence[tuple[float, float]]) -> float | None:
     return sum(value * weight for value, weight in values) / total if total else None
 
 
-DP_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps")
-"""The privacy a DP-SGD site reports each round, as ``dp_<key>`` in its line (``dp-<key>`` sent)."""
+DP_LINE_KEYS = {
+    f"dp_{key}": f"dp-{key.replace('_', '-')}"
+    for key in ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps")
+}
+"""The privacy a DP-SGD site reports each round: its key in a site's line -> the metric sent."""
 
 
 def _site_line(traffic: SiteTraffic) -> dict[str, Any]:
@@ -43,7 +46,7 @@ def _site_line(traffic: SiteTraffic) -> dict[str, Any]:
         "num_test": evaluate.get("num-examples"),
         "mia_auc": evaluate.get("mia-auc"),
     }
-    line.update({f"dp_{key}": train.get(f"dp-{key.replace('_', '-')}") for key in DP_KEYS})
+    line.update({key: train.get(metric) for key, metric in DP_LINE_KEYS.items()})
     line.update(
         {
             "bytes_up": traffic.bytes_up,
