@@ -1,18 +1,16 @@
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flower_messages import instruction
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
-    Message,
     MessageType,
-    Metadata,
     RecordDict,
 )
 from sites_on_disk import corrupt_one_image, write_site
@@ -25,21 +23,6 @@ from fedprompt.federation.run_config import default_run_config
 from fedprompt.site_rounds import backbone_for, build_learner, splits_and_plan
 
 SHARED = Path(__file__).parents[1] / "../shared/data"
-
-
-def _message(content: RecordDict, message_type: str) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="instruction",
-        src_node_id=0,
-        dst_node_id=11,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=message_type,
-    )
-    return Message(content=content, metadata=metadata)
 
 
 @pytest.fixture
@@ -62,7 +45,7 @@ def test_train_reply_carries_only_the_prompt_and_scalar_metrics(context, global_
     content = RecordDict(
         {"arrays": ArrayRecord(global_state), "config": ConfigRecord({"server-round": 1})}
     )
-    reply = client_app.app(_message(content, MessageType.TRAIN), context)
+    reply = client_app.app(instruction(11, MessageType.TRAIN, content), context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert set(reply.content.array_records) == {"arrays"}
     returned = reply.content["arrays"].to_torch_state_dict()
@@ -80,7 +63,7 @@ def test_evaluate_reply_scores_the_site_test_split(context, global_state):
     content = RecordDict(
         {"arrays": ArrayRecord(global_state), "config": ConfigRecord({"server-round": 1})}
     )
-    reply = client_app.app(_message(content, MessageType.EVALUATE), context)
+    reply = client_app.app(instruction(11, MessageType.EVALUATE, content), context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert not reply.content.array_records
     metrics = dict(reply.content["metrics"])
@@ -93,7 +76,7 @@ def test_wrong_number_of_nodes_is_reported(context, global_state):
         {"arrays": ArrayRecord(global_state), "config": ConfigRecord({"server-round": 1})}
     )
     with pytest.raises(ValueError, match="num-supernodes=3"):
-        client_app.app(_message(content, MessageType.EVALUATE), context)
+        client_app.app(instruction(11, MessageType.EVALUATE, content), context)
 
 
 # Deployment: a node's site is its own data folder, named by --node-config site-config=...
@@ -118,7 +101,7 @@ def _train(context, global_state, **config):
             "config": ConfigRecord({"server-round": 1, **config}),
         }
     )
-    return client_app.app(_message(content, MessageType.TRAIN), context)
+    return client_app.app(instruction(11, MessageType.TRAIN, content), context)
 
 
 def test_a_deployed_site_trains_on_its_own_folder_and_logs_what_it_sent(tmp_path, global_state):
@@ -132,7 +115,9 @@ def test_a_deployed_site_trains_on_its_own_folder_and_logs_what_it_sent(tmp_path
     content = RecordDict(
         {"arrays": ArrayRecord(global_state), "config": ConfigRecord({"server-round": 1})}
     )
-    evaluated = client_app.app(_message(content, MessageType.EVALUATE), _deployed_context(config))
+    evaluated = client_app.app(
+        instruction(11, MessageType.EVALUATE, content), _deployed_context(config)
+    )
     assert dict(evaluated.content["metrics"])["num-examples"] == 8  # every test image
 
 

@@ -1,6 +1,7 @@
 import time
 
 import numpy as np
+from flower_messages import instruction
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -16,21 +17,6 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 
 from fedprompt.federation.metered_grid import MeteredGrid, SiteDirectory, array_payload_bytes
-
-
-def _message(content: RecordDict, node_id: int, message_type: str) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"m{node_id}{message_type}",
-        src_node_id=0,
-        dst_node_id=node_id,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=message_type,
-    )
-    return Message(content=content, metadata=metadata)
 
 
 class ReplyingGrid(Grid):
@@ -77,7 +63,7 @@ def _round(grid: MeteredGrid) -> None:
     arrays = ArrayRecord([np.zeros((4, 8), np.float32)])
     for message_type in (MessageType.TRAIN, MessageType.EVALUATE):
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
-        grid.send_and_receive([_message(content, node, message_type) for node in (1, 2, 3)])
+        grid.send_and_receive([instruction(node, message_type, content) for node in (1, 2, 3)])
 
 
 def test_payload_bytes_count_tensor_elements():
@@ -111,7 +97,7 @@ def test_sites_are_named_by_registration_partition_or_error():
     assert [grid.sites.name(n) for n in (1, 2, 3)] == ["hospital-a", "site-1", "node-3"]
     reply = Message(
         Error(code=2, reason="[hospital-c] CorruptImageError: ..."),
-        reply_to=_message(RecordDict(), 3, MessageType.TRAIN),
+        reply_to=instruction(3, MessageType.TRAIN),
     )
     grid.sites.learn_reply(3, reply)
     assert grid.sites.name(3) == "hospital-c"
@@ -148,7 +134,7 @@ def test_a_silent_site_is_recorded_against_its_own_node():
     grid = MeteredGrid(SilentGrid())
     content = RecordDict({"config": ConfigRecord({"server-round": 1})})
     grid.send_and_receive(
-        [_message(content, node, MessageType.EVALUATE) for node in (11, 12, 13)], timeout=30
+        [instruction(node, MessageType.EVALUATE, content) for node in (11, 12, 13)], timeout=30
     )
     traffic = grid.take_round().nodes
     assert sorted(traffic) == [11, 12, 13]  # nothing filed under the SuperLink's own id

@@ -4,10 +4,10 @@ round aggregates the others (hand-made replies, hand-computed aggregates)."""
 import json
 import logging
 import re
-import time
 
 import numpy as np
 import pytest
+from flower_messages import instruction
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -15,7 +15,6 @@ from flwr.app import (
     Error,
     Message,
     MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -33,21 +32,6 @@ SHAPE = (2, 3)
 REFERENCE = ArrayRecord({"ctx": Array(np.zeros(SHAPE, np.float32))})
 
 
-def _instruction(node: int, message_type: str = MessageType.TRAIN) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"instruction-{node}-{message_type}",
-        src_node_id=1,
-        dst_node_id=node,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=message_type,
-    )
-    return Message(content=RecordDict(), metadata=metadata)
-
-
 def train_reply(node, value=1.0, num_examples=10, arrays=None, **metrics) -> Message:
     """A site's train reply: ``ctx`` filled with ``value`` unless ``arrays`` says otherwise."""
     arrays = arrays if arrays is not None else {"ctx": np.full(SHAPE, value, np.float32)}
@@ -57,13 +41,13 @@ def train_reply(node, value=1.0, num_examples=10, arrays=None, **metrics) -> Mes
             "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 0.5, **metrics}),
         }
     )
-    return Message(content, reply_to=_instruction(node))
+    return Message(content, reply_to=instruction(node, MessageType.TRAIN))
 
 
 def evaluate_reply(node, accuracy=0.5, num_examples=10) -> Message:
     metrics = MetricRecord({"num-examples": num_examples, "accuracy": accuracy})
     return Message(
-        RecordDict({"metrics": metrics}), reply_to=_instruction(node, MessageType.EVALUATE)
+        RecordDict({"metrics": metrics}), reply_to=instruction(node, MessageType.EVALUATE)
     )
 
 
@@ -169,7 +153,9 @@ def test_the_aggregate_does_not_depend_on_arrival_order():
 
 def test_failed_sites_pass_through_and_all_rejected_means_no_aggregate():
     rejections = []
-    failed = Message(Error(code=2, reason="[hospital-5] gone"), reply_to=_instruction(5))
+    failed = Message(
+        Error(code=2, reason="[hospital-5] gone"), reply_to=instruction(5, MessageType.TRAIN)
+    )
     arrays, metrics = _validator(rejections).aggregate_train(
         1, [failed, train_reply(2, value=np.nan)]
     )
