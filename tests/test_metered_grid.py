@@ -147,3 +147,61 @@ def test_rejections_are_recorded():
     grid = MeteredGrid(ReplyingGrid())
     grid.record_rejection(2, MessageType.TRAIN, "tensor 'ctx' holds NaN or Inf")
     assert grid.take_round().nodes[2].rejected == ["update rejected: tensor 'ctx' holds NaN or Inf"]
+
+
+class ForgingGrid(ReplyingGrid):
+    """Node 1 answers, and node 9, which was asked nothing, slips in a reply of its own."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        forged = Message(
+            RecordDict({"metrics": MetricRecord({"num-examples": 1000})}),
+            reply_to=instruction(9, MessageType.TRAIN),
+        )
+        # A reply that claims to answer node 1's message, sent from node 9.
+        stolen = Message(
+            RecordDict({"metrics": MetricRecord({"num-examples": 1000})}),
+            reply_to=messages[0],
+        )
+        stolen.metadata.__dict__["_src_node_id"] = 9
+        return [*replies, forged, stolen]
+
+
+def test_a_reply_from_a_node_the_round_did_not_ask_is_rejected_and_recorded():
+    grid = MeteredGrid(ForgingGrid())
+    content = RecordDict({"arrays": ArrayRecord([np.zeros(2, np.float32)])})
+    messages = [instruction(node, MessageType.TRAIN, content) for node in (1, 2)]
+    replies = grid.send_and_receive(messages)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2]
+    traffic = grid.take_round().nodes
+    assert traffic[9].rejected == ["update rejected: node 9 was not asked for it this round"] * 2
+    assert traffic[9].train == {} and traffic[1].train["num-examples"] == 10
+
+
+class TwinGrid(ReplyingGrid):
+    """Two keys registered under one name: nodes 1 and 4 both hold 'hospital-a'."""
+
+    def get_nodes(self):
+        names = {1: "hospital-a", 2: "hospital-b", 4: "hospital-a"}
+        return [NodeInfo(node_id=n, name=name) for n, name in names.items()]
+
+
+def test_nodes_sharing_a_registered_name_are_not_sampled_and_are_recorded():
+    grid = MeteredGrid(TwinGrid(), SiteDirectory(trust_reported_names=False))
+    assert list(grid.get_node_ids()) == [2]
+    names = {node: grid.sites.name(node) for node in (1, 2, 4)}
+    assert names == {1: "hospital-a#1", 2: "hospital-b", 4: "hospital-a#4"}
+    traffic = grid.take_round().nodes
+    for node in (1, 4):
+        (reason,) = traffic[node].rejected
+        assert "'hospital-a' is held by 2 keys (nodes 1, 4)" in reason
+
+
+def test_in_deployment_a_node_is_never_named_by_what_it_says_of_itself():
+    grid = MeteredGrid(ReplyingGrid(), SiteDirectory(["site-0"], trust_reported_names=False))
+    list(grid.get_node_ids())
+    _round(grid)  # node 2 reports site-index 1, node 3 an error starting with its claimed name
+    grid.sites.learn_reply(
+        3, Message(Error(code=2, reason="[hospital-a] ..."), reply_to=instruction(3, "train"))
+    )
+    assert [grid.sites.name(n) for n in (1, 2, 3)] == ["hospital-a", "node-2", "node-3"]

@@ -30,6 +30,7 @@ from fedprompt.federation.local_site import (
     train_site,
 )
 from fedprompt.federation.run_config import config_from_run_config
+from fedprompt.federation.secure_aggregation import secure_aggregation_mod
 from fedprompt.federation.site_level_dp import SITE_WEIGHT_KEY, site_level_clipping_mod
 from fedprompt.privacy.dp_training import DPTrainStats
 from fedprompt.site_rounds import privacy_mode
@@ -40,7 +41,8 @@ from fedprompt.user_errors import USER_ERRORS
 # Flower line is printed twice.
 logging.getLogger().addHandler(logging.NullHandler())
 
-app = ClientApp(mods=[site_level_clipping_mod])
+# SecAgg+ outermost: it must see the train reply exactly as the site's handler made it.
+app = ClientApp(mods=[secure_aggregation_mod, site_level_clipping_mod])
 
 LEDGER_KEY = "privacy-ledger"
 """The node-state record holding the site's ``SiteLedger`` between rounds."""

@@ -9,6 +9,7 @@ sends garbage).
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -118,8 +119,11 @@ class InProcessGrid(Grid):
             if node_id in self.offline:
                 continue
             app = self.apps.get(node_id, fedprompt_client_app)
+            # Each node gets its own copy, as after a trip through the SuperLink: a ClientApp
+            # (Flower's SecAgg+ mod, for one) may change the content it receives.
+            delivered = Message(metadata=message.metadata, content=copy.deepcopy(message.content))
             try:
-                reply = app(message, self.contexts[node_id])
+                reply = app(delivered, self.contexts[node_id])
             except Exception as err:  # a ClientApp that raises gets Flower's error reply
                 reason = f"{type(err)}:<'{err}'>"
                 error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)

@@ -20,38 +20,80 @@ _NAMED_REASON = re.compile(r"^\[([^\]]+)\] ")
 
 
 def array_payload_bytes(content: RecordDict) -> int:
-    """Bytes of the tensors a message carries (element count times item size)."""
+    """Bytes of the tensors a message carries (element count times item size).
+
+    An array in Flower's legacy form (no dtype: serialized NumPy bytes) counts its bytes.
+    """
     return sum(
         int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
+        if array.dtype
+        else len(array.data)
         for record in content.array_records.values()
         for array in record.values()
     )
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the tensors and of the raw bytes values a message carries.
+
+    SecAgg+ moves keys, encrypted key shares and masked vectors as bytes in config records;
+    counting them makes its traffic comparable with a plain round's tensors.
+    """
+    raw = 0
+    for record in content.config_records.values():
+        for value in record.values():
+            items = value if isinstance(value, list) else [value]
+            raw += sum(len(item) for item in items if isinstance(item, bytes))
+    return array_payload_bytes(content) + raw
 
 
 class SiteDirectory:
     """The name of the site behind each node id, for logs and each round's metrics line.
 
     In deployment a node's name is the one the coordinating centre registered its key under
-    (``flwr supernode register --name``). In simulation it is the partition's site name, learnt
-    from the ``site-index`` a site reports. A site that never delivered a result is named by
-    its error reply, which fedprompt sites begin with their name in brackets.
+    (``flwr supernode register --name``), and never what a node says of itself: an unnamed node
+    stays ``node-<id>``. In simulation (``trust_reported_names``) it is the partition's site
+    name, learnt from the ``site-index`` a site reports, or from an error reply, which fedprompt
+    sites begin with their name in brackets.
+
+    A registered name held by two nodes (two keys registered under one name) is ambiguous: both
+    nodes are named ``<name>#<node id>`` and ``clashes`` says why neither may take part.
     """
 
-    def __init__(self, site_names: Sequence[str] = ()) -> None:
+    def __init__(
+        self, site_names: Sequence[str] = (), *, trust_reported_names: bool = True
+    ) -> None:
         self.site_names = list(site_names)
+        self.trust_reported_names = trust_reported_names
         self._names: dict[int, str] = {}
-        self._registered: set[int] = set()
+        self._registered: dict[int, str] = {}
 
     def learn_nodes(self, nodes: Iterable[NodeInfo]) -> None:
         """Registration names, which take precedence over what a site says of itself."""
         for node in nodes:
             if node.name:
+                self._registered[node.node_id] = node.name
                 self._names[node.node_id] = node.name
-                self._registered.add(node.node_id)
+
+    def clashes(self) -> dict[int, str]:
+        """Nodes whose registered name another node also holds, with the reason to refuse them."""
+        holders: dict[str, list[int]] = {}
+        for node_id, name in self._registered.items():
+            holders.setdefault(name, []).append(node_id)
+        return {
+            node_id: (
+                f"the registered name {name!r} is held by {len(ids)} keys (nodes "
+                f"{', '.join(str(i) for i in sorted(ids))}); a site name must belong to one key, "
+                "so none of them takes part until the centre unregisters the wrong one"
+            )
+            for name, ids in holders.items()
+            if len(ids) > 1
+            for node_id in ids
+        }
 
     def learn_reply(self, node_id: int, reply: Message) -> None:
         """The partition index a simulated site reports, or the name its error begins with."""
-        if node_id in self._registered:
+        if node_id in self._registered or not self.trust_reported_names:
             return
         if reply.has_error():
             match = _NAMED_REASON.match(reply.error.reason)
@@ -64,8 +106,11 @@ class SiteDirectory:
                 self._names[node_id] = self.site_names[index]
 
     def name(self, node_id: int) -> str:
-        """The site's name, or ``node-<id>`` while it is unknown."""
-        return self._names.get(node_id, f"node-{node_id}")
+        """The site's name, or ``node-<id>`` while it is unknown; unique per node."""
+        name = self._names.get(node_id, f"node-{node_id}")
+        if node_id in self._registered and node_id in self.clashes():
+            return f"{name}#{node_id}"
+        return name
 
 
 @dataclass
@@ -81,11 +126,12 @@ class SiteTraffic:
     withheld: list[str] = field(default_factory=list)
     instructed: list[str] = field(default_factory=list)
     answered: list[str] = field(default_factory=list)
+    aggregated: int | None = None
 
     @property
     def complete(self) -> bool:
         """Whether the site answered every instruction it was sent (a rejected answer counts)."""
-        return sorted(self.answered) == sorted(self.instructed)
+        return not self.errors and sorted(self.answered) == sorted(self.instructed)
 
 
 @dataclass
@@ -126,8 +172,16 @@ class MeteredGrid(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        """The connected nodes (strategies sample from these), noted with their names."""
-        return [node.node_id for node in self.get_nodes()]
+        """The connected nodes strategies may sample: not those whose registered name clashes.
+
+        A clashing node is recorded as rejected in the round's line, with the reason.
+        """
+        nodes = [node.node_id for node in self.get_nodes()]
+        clashes = self.sites.clashes()
+        for node_id in nodes:
+            if node_id in clashes and clashes[node_id] not in self._traffic(node_id).rejected:
+                self._traffic(node_id).rejected.append(clashes[node_id])
+        return [node_id for node_id in nodes if node_id not in clashes]
 
     def get_nodes(self) -> Iterable[NodeInfo]:
         """Delegated to the wrapped grid; learns registration names and who is connected."""
@@ -154,17 +208,22 @@ class MeteredGrid(Grid):
         messages = list(messages)
         for message in messages:
             traffic = self._traffic(message.metadata.dst_node_id)
-            traffic.bytes_down += array_payload_bytes(message.content)
+            traffic.bytes_down += payload_bytes(message.content)
             traffic.instructed.append(message.metadata.message_type)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        received = list(self._grid.send_and_receive(messages, timeout=timeout))
         # The grid has now given each message its id. The SuperLink answers for a node that
         # went silent, from its own node id, so replies are matched to where the message went.
         destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         answered: set[tuple[int, str]] = set()
-        for reply in replies:
-            node_id = destination.get(
-                reply.metadata.reply_to_message_id, reply.metadata.src_node_id
-            )
+        replies = []
+        for reply in received:
+            node_id = destination.get(reply.metadata.reply_to_message_id)
+            if node_id is None or (
+                not reply.has_error() and reply.metadata.src_node_id != node_id
+            ):
+                self._unasked(reply)
+                continue
+            replies.append(reply)
             self.sites.learn_reply(node_id, reply)
             traffic = self._traffic(node_id)
             answered.add((node_id, reply.metadata.message_type))
@@ -172,7 +231,7 @@ class MeteredGrid(Grid):
                 traffic.errors.append(str(reply.error.reason))
                 continue
             traffic.answered.append(reply.metadata.message_type)
-            traffic.bytes_up += array_payload_bytes(reply.content)
+            traffic.bytes_up += payload_bytes(reply.content)
             metrics = {
                 key: value
                 for record in reply.content.metric_records.values()
@@ -191,6 +250,14 @@ class MeteredGrid(Grid):
                 self._traffic(key[0]).errors.append(f"no reply to the {kind} request{waited}")
         return replies
 
+    def _unasked(self, reply: Message) -> None:
+        """A reply this round did not ask that node for: left out, and recorded as rejected."""
+        sender = reply.metadata.src_node_id
+        kind = "update" if reply.metadata.message_type == MessageType.TRAIN else "evaluation"
+        self._traffic(sender).rejected.append(
+            f"{kind} rejected: node {sender} was not asked for it this round"
+        )
+
     def record_rejection(self, node_id: int, message_type: str, reason: str) -> None:
         """Note that validation refused this node's reply (see ``UpdateValidation``)."""
         kind = "update" if message_type == MessageType.TRAIN else "evaluation"
@@ -199,6 +266,15 @@ class MeteredGrid(Grid):
     def record_withheld(self, node_id: int, reason: str) -> None:
         """Note that a site's well-formed update was left out of the aggregate, and why."""
         self._traffic(node_id).withheld.append(reason)
+
+    def record_aggregated(self, node_id: int, num_examples: int) -> None:
+        """Note that this node's update entered the round's aggregate, with its example count."""
+        self._traffic(node_id).aggregated = num_examples
+
+    def record_lost(self, node_ids: Sequence[int], reason: str) -> None:
+        """Note that these nodes' work never reached an aggregate (a halted SecAgg+ round)."""
+        for node_id in node_ids:
+            self._traffic(node_id).errors.append(reason)
 
     def take_round(self) -> RoundTraffic:
         """This round's traffic by node id and the nodes seen connected; starts the next round."""

@@ -26,7 +26,7 @@ from fedprompt.backbones import Backbone
 from fedprompt.config import ConfigError
 from fedprompt.data.features import PROCESS_FEATURE_CACHE
 from fedprompt.data.protocols import novel_splits, protocol_name, protocol_report
-from fedprompt.data.sites import load_splits, plan_report
+from fedprompt.data.sites import load_splits, plan_report, site_train_indices
 from fedprompt.evaluation.metrics import BaseToNovelMetrics, ClassificationMetrics
 from fedprompt.federation.checkpoint import (
     Checkpoint,
@@ -37,6 +37,7 @@ from fedprompt.federation.checkpoint import (
 )
 from fedprompt.federation.metered_grid import MeteredGrid, SiteDirectory
 from fedprompt.federation.run_monitor import DP_LINE_KEYS, CentralEvaluation, RunMonitor
+from fedprompt.federation.secure_aggregation import SecAggSettings, SecureAggregationGrid
 from fedprompt.federation.site_level_dp import (
     SITE_WEIGHT_KEY,
     SiteLevelStrategy,
@@ -59,6 +60,9 @@ from fedprompt.site_rounds import (
 from fedprompt.training import evaluate
 
 MODES = ("simulation", "deployment")
+SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+"""Strategies that need only the weighted mean of the updates, which SecAgg+ yields."""
+DEPLOYMENT_MAX_WEIGHT = 1000.0
 NOVEL_KEYS = ("base_accuracy", "novel_accuracy", "harmonic_mean")
 """What ``summary.json``'s ``final`` adds under ``protocol=base_to_novel``."""
 LearnerFactory = Callable[[list[str]], Learner]
@@ -221,6 +225,63 @@ def _simulation_setup(
     return learner, SiteDirectory(plan.site_names), central, classnames
 
 
+def _largest_site(cfg: DictConfig) -> int:
+    """The most training images any simulated site holds (SecAgg+'s default ``max_weight``)."""
+    splits, plan = splits_and_plan(cfg)
+    return max(
+        len(site_train_indices(cfg, splits, plan, i)) for i in range(len(plan.site_names))
+    )
+
+
+def secagg_settings(cfg: DictConfig) -> SecAggSettings | None:
+    """SecAgg+'s settings when ``federation.secure_aggregation`` is on, after checking the run.
+
+    Raises:
+        ConfigError: The strategy needs each site's update (a median, a trimmed mean), site-level
+            DP clips each update at the server, or fewer than two sites take part.
+    """
+    federation = cfg.federation
+    if not federation.get("secure_aggregation", False):
+        return None
+    strategy = str(cfg.strategy.name)
+    if strategy not in SECURE_STRATEGIES:
+        raise ConfigError(
+            f"strategy={strategy} needs each site's update, which SecAgg+ hides from the server; "
+            f"use one of {', '.join(SECURE_STRATEGIES)} with federation.secure_aggregation=true."
+        )
+    if privacy_mode(cfg) == "site_level":
+        raise ConfigError(
+            "privacy=site_level clips each site's update at the server, which SecAgg+ hides; "
+            "use privacy=dpsgd (each site's noise stays in the sum) with secure aggregation."
+        )
+    fewest = int(federation.num_sites if federation.mode == "simulation" else federation.min_sites)
+    if fewest < 2:
+        key = "num_sites" if federation.mode == "simulation" else "min_sites"
+        raise ConfigError(
+            f"federation.{key}={fewest}: SecAgg+ sums at least two sites' prompts; raise it to 2 "
+            "or more, or set federation.secure_aggregation=false."
+        )
+    secagg = federation.secagg
+    max_weight = secagg.max_weight
+    if max_weight is None and federation.mode == "simulation":
+        max_weight = _largest_site(cfg)
+    elif max_weight is None:
+        max_weight = DEPLOYMENT_MAX_WEIGHT
+    try:
+        settings = SecAggSettings(
+            num_shares=secagg.num_shares,
+            reconstruction_threshold=secagg.reconstruction_threshold,
+            max_weight=float(max_weight),
+            clipping_range=float(secagg.clipping_range),
+            quantization_range=int(secagg.quantization_range),
+            timeout=float(federation.round_timeout),
+        )
+        settings.workflow()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"federation.secagg is not usable by Flower's SecAgg+: {err}") from err
+    return settings
+
+
 def _deployment_setup(
     cfg: DictConfig, learner_for: LearnerFactory
 ) -> tuple[Learner, SiteDirectory, None, list[str]]:
@@ -238,11 +299,15 @@ def _deployment_setup(
     if cfg.evaluation.central:
         log(INFO, "[fedprompt] deployment: no central test split; sites evaluate on their own.")
     classnames = list(cfg.dataset.classnames)
-    return learner_for(classnames), SiteDirectory(), None, classnames
+    return learner_for(classnames), SiteDirectory(trust_reported_names=False), None, classnames
 
 
 def _strategy(
-    cfg: DictConfig, reference: ArrayRecord, grid: MeteredGrid, min_available: int
+    cfg: DictConfig,
+    reference: ArrayRecord,
+    grid: MeteredGrid,
+    min_available: int,
+    secure: bool = False,
 ) -> tuple[Strategy, SiteLevelStrategy | None]:
     """Validation around the configured strategy (inside Flower's DP wrapper for site-level DP).
 
@@ -276,6 +341,8 @@ def _strategy(
         site_name=grid.sites.name,
         on_reject=grid.record_rejection,
         on_withhold=grid.record_withheld,
+        on_aggregate=grid.record_aggregated,
+        secure_sum=secure,
     )
     return validation, wrapper
 
@@ -299,6 +366,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     mode = str(cfg.federation.mode)
     if mode not in MODES:
         raise ConfigError(f"federation.mode is {mode!r}; use simulation or deployment.")
+    secagg = secagg_settings(cfg)
     results, checkpoint = _open_results(cfg)
     log(INFO, "[fedprompt] results folder: %s", results.path)
     results.write_config(cfg)
@@ -324,7 +392,11 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     else:
         wait_for_sites(metered, num_sites, connect_timeout, min_sites=min_sites)
         min_available = min_sites
-    strategy, site_level = _strategy(cfg, reference, metered, min_available)
+    strategy, site_level = _strategy(cfg, reference, metered, min_available, secagg is not None)
+    train_grid: Grid = metered
+    if secagg is not None:
+        log(INFO, "[fedprompt] secure aggregation: Flower's SecAgg+ (the server sees sums only)")
+        train_grid = SecureAggregationGrid(metered, secagg, on_halt=metered.record_lost)
 
     rounds = int(cfg.federation.rounds)
     done, lines, initial, arrays = 0, [], None, reference
@@ -349,10 +421,11 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         round_offset=done,
         initial=initial,
         site_level_privacy=(lambda: site_level_spent(site_level)) if site_level else None,
+        roster=[str(name) for name in cfg.federation.get("sites") or []],
     )
     if rounds > done:
         strategy.start(
-            grid=metered,
+            grid=train_grid,
             initial_arrays=arrays,
             num_rounds=rounds - done,
             timeout=float(cfg.federation.round_timeout),
@@ -368,6 +441,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         "dataset": str(cfg.dataset.name),
         "mode": mode,
         "strategy": str(cfg.strategy.name),
+        "secure_aggregation": secagg is not None,
         "num_sites": num_sites,
         "rounds": rounds,
         "seed": int(cfg.seed),

@@ -77,6 +77,8 @@ class RunMonitor:
         initial: Central metrics before round 1, as a resumed run's checkpoint kept them.
         site_level_privacy: The run's site-level epsilon so far (``privacy=site_level``), for
             each round's line.
+        roster: The sites expected in every round (deployment: ``federation.sites``, the names
+            the centre registered); one that is not connected when a round starts is missing.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class RunMonitor:
         round_offset: int = 0,
         initial: dict[str, Any] | None = None,
         site_level_privacy: Callable[[], dict[str, Any]] | None = None,
+        roster: Sequence[str] = (),
     ) -> None:
         self.results = results
         self.grid = grid
@@ -100,6 +103,7 @@ class RunMonitor:
         self.round_offset = round_offset
         self.initial = initial
         self.site_level_privacy = site_level_privacy
+        self.roster = list(roster)
         self._known: set[int] = set()
         self._round_start = time.perf_counter()
 
@@ -142,14 +146,23 @@ class RunMonitor:
         for node in sorted(self._known - traffic.connected - set(traffic.nodes)):
             missing[name(node)] = "not connected"
         self._known |= traffic.connected | set(traffic.nodes)
+        seen = {name(node) for node in self._known}
+        for site in self.roster:
+            if site not in seen:
+                missing[site] = "not connected when the round started"
         rejected = {
             name(node): "; ".join(t.rejected) for node, t in traffic.nodes.items() if t.rejected
         }
         withheld = {
             name(node): "; ".join(t.withheld) for node, t in traffic.nodes.items() if t.withheld
         }
+        aggregated = {
+            name(node): t.aggregated
+            for node, t in traffic.nodes.items()
+            if t.aggregated is not None
+        }
         evaluated = [s for s in sites.values() if s["accuracy"] is not None]
-        trained = [s for s in sites.values() if s["num_train"] is not None and not s["withheld"]]
+        trained = [s for site, s in sites.items() if site in aggregated]
         losses = [(s["train_loss"], s["num_train"]) for s in trained if s["train_loss"] is not None]
         return {
             "round": run_round,
@@ -159,7 +172,8 @@ class RunMonitor:
             "central": central,
             "bytes_up": sum(s["bytes_up"] for s in sites.values()),
             "bytes_down": sum(s["bytes_down"] for s in sites.values()),
-            "num_trained": len(trained),
+            "num_trained": len(aggregated),
+            "aggregated": dict(sorted(aggregated.items())),
             "missing": dict(sorted(missing.items())),
             "rejected": dict(sorted(rejected.items())),
             "withheld": dict(sorted(withheld.items())),

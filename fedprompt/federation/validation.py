@@ -28,6 +28,9 @@ Rejection = Callable[[int, str, str], None]
 Withholding = Callable[[int, str], None]
 """Called as ``(node_id, reason)`` for each sound update left out of the aggregate."""
 
+Aggregation = Callable[[int, int], None]
+"""Called as ``(node_id, weight)`` for each update handed to the aggregation rule."""
+
 BUDGET_EXHAUSTED_KEY = "dp-budget-exhausted"
 """Set to 1 by a DP-SGD site whose next round would exceed its privacy budget."""
 
@@ -69,6 +72,10 @@ class UpdateValidation(Strategy):
         on_withhold: Told of each sound update left out: a DP-SGD site whose privacy budget is
             spent trains no more and says so (``BUDGET_EXHAUSTED_KEY``); its reply carries the
             unchanged global prompt, which must not count as a site's vote.
+        on_aggregate: Told of each update that enters the aggregate, with its weight.
+        secure_sum: The replies carry one securely aggregated sum (SecAgg+), not each site's
+            update: no update can be left out of it afterwards, so rejecting any reply discards
+            the round's aggregate, and norms are not compared (every reply holds the same sum).
     """
 
     def __init__(
@@ -80,9 +87,13 @@ class UpdateValidation(Strategy):
         on_reject: Rejection | None = None,
         weighted_by_key: str = "num-examples",
         on_withhold: Withholding | None = None,
+        on_aggregate: Aggregation | None = None,
+        secure_sum: bool = False,
     ) -> None:
         self.strategy = strategy
         self.on_withhold = on_withhold
+        self.on_aggregate = on_aggregate
+        self.secure_sum = secure_sum
         self.expected = {
             key: (tuple(array.shape), np.dtype(array.dtype)) for key, array in reference.items()
         }
@@ -95,9 +106,14 @@ class UpdateValidation(Strategy):
     def summary(self) -> None:
         """Log the validation settings, then the wrapped strategy's."""
         log(INFO, "\t├──> Update validation: keys, shapes, dtypes, finite values, metrics;")
-        log(
-            INFO, "\t│\t└── update norm at most %s x the other sites' median", self.max_update_ratio
-        )
+        if self.secure_sum:
+            log(INFO, "\t│\t└── SecAgg+: checks apply to the sum; per-site norms are hidden")
+        else:
+            log(
+                INFO,
+                "\t│\t└── update norm at most %s x the other sites' median",
+                self.max_update_ratio,
+            )
         self.strategy.summary()
 
     def configure_train(
@@ -132,9 +148,24 @@ class UpdateValidation(Strategy):
         kept = self._consistent_metrics(
             server_round, [reply for reply in replies if id(reply) in passed]
         )
+        if self.secure_sum and len(kept) < len(replies) - len(failed):
+            for reply in kept:
+                self._reject(
+                    server_round,
+                    reply,
+                    "the secure sum it is part of includes a rejected reply, so the round's "
+                    "aggregate is discarded",
+                )
+            kept = []
         kept = self._without_exhausted_budgets(server_round, kept)
-        kept = self._plausible_norms(server_round, kept, passed)
-        return self.strategy.aggregate_train(server_round, self._in_site_order(kept) + failed)
+        if not self.secure_sum:
+            kept = self._plausible_norms(server_round, kept, passed)
+        ordered = self._in_site_order(kept)
+        if self.on_aggregate is not None:
+            for reply in ordered:
+                metrics = next(iter(reply.content.metric_records.values()))
+                self.on_aggregate(reply.metadata.src_node_id, int(metrics["num-examples"]))
+        return self.strategy.aggregate_train(server_round, ordered + failed)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
