@@ -1,13 +1,19 @@
-"""Stopping a private SuperLink stops every process it started, Ray's daemons included."""
+"""A private SuperLink: stopping it stops every process it started, Ray's daemons included, and
+none of those processes listens beyond the loopback interface."""
 
+import contextlib
+import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from fedprompt.federation import local_simulation
 from fedprompt.federation.local_simulation import _group_alive, _stop, _terminate_as_interrupt
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -43,3 +49,118 @@ def test_sigterm_becomes_an_interrupt_and_the_handler_is_restored():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_private_superlink_gets_rays_loopback_setting(monkeypatch, tmp_path):
+    started: list[dict[str, str]] = []
+    popen = subprocess.Popen
+
+    def fake_popen(command, *, env, **kwargs):  # a SuperLink that ends at once
+        started.append(env)
+        return popen([sys.executable, "-c", "pass"], start_new_session=True)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(local_simulation.subprocess, "Popen", fake_popen)
+        patch.setattr(local_simulation, "_wait_for_port", lambda port, process: None)
+        with local_simulation.private_superlink(tmp_path) as env:
+            pass
+    assert started == [env]
+    assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    # Ray itself, started with that environment, takes the loopback address as its node IP.
+    ask = "from ray._private.services import get_node_ip_address; print(get_node_ip_address())"
+    done = subprocess.run([sys.executable, "-c", ask], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "127.0.0.1", done.stderr[-2000:]
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, stack = set(), [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def _listening_tcp() -> dict[int, tuple[str, int]]:
+    """Socket inode -> (address, port) of every listening TCP socket, IPv4 and IPv6."""
+    found = {}
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] != "0A":  # TCP_LISTEN
+                    continue
+                address, port = fields[1].split(":")
+                # The kernel prints each 32-bit word of the address in host (little-endian) order.
+                raw = b"".join(
+                    bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8)
+                )
+                found[int(fields[9])] = (socket.inet_ntop(family, raw), int(port, 16))
+    return found
+
+
+def _listening_sockets_of_tree(root: int) -> set[tuple[str, str, int]]:
+    """(process name, address, port) of each listening TCP socket held in ``root``'s tree."""
+    listening = _listening_tcp()
+    held = set()
+    for pid in _descendants(root) | {root}:
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:  # the process ended meanwhile, or a descriptor closed
+            continue
+        for link in links:
+            if link.startswith("socket:[") and int(link[8:-1]) in listening:
+                held.add((name, *listening[int(link[8:-1])]))
+    return held
+
+
+def _is_loopback(text: str) -> bool:
+    address = ipaddress.ip_address(text)
+    mapped = getattr(address, "ipv4_mapped", None)  # a dual-stack socket bound to 127.0.0.1
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_simulation_listens_on_loopback_only(tmp_path):
+    """Every listening socket of the SuperLink, flwr-simulation and Ray binds 127.0.0.1."""
+    out = tmp_path / "results"
+    command = [
+        sys.executable,
+        "-m",
+        "fedprompt.cli",
+        "simulate",
+        "quickstart",
+        "federation.rounds=1",
+        "federation.num_sites=2",
+        "train.local_epochs=1",
+        f"output_dir={out}",
+    ]
+    log = tmp_path / "simulate.log"
+    seen: set[tuple[str, str, int]] = set()
+    with log.open("w") as log_file:
+        run = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 600
+            while run.poll() is None and time.monotonic() < deadline:
+                seen |= _listening_sockets_of_tree(run.pid)
+                time.sleep(0.2)
+        finally:
+            if run.poll() is None:
+                run.terminate()  # fedprompt simulate stops its SuperLink and Ray on SIGTERM
+                run.wait(timeout=60)
+    output = log.read_text()
+    assert run.returncode == 0, output[-3000:]
+    listed = "\n".join(f"{name} {address} {port}" for name, address, port in sorted(seen))
+    names = {name for name, _, _ in seen}
+    assert {"flower-superlin", "gcs_server", "raylet"} <= names, listed  # the check saw them
+    beyond = [held for held in seen if not _is_loopback(held[1])]
+    assert not beyond, f"listening beyond the loopback interface:\n{listed}"

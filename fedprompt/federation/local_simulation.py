@@ -52,6 +52,14 @@ QUIET_FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
 
+# Ray on Linux takes the machine's network address as its node IP, and then its GCS, raylet,
+# object manager, runtime-env agent and every worker listen on all interfaces (the dashboard
+# agent and its metrics port too, where ray[default] is installed). With this variable at 0,
+# ray._private.services.get_node_ip_address answers the loopback address, as it does for a
+# one-machine Ray on macOS and Windows, and each of those servers binds 127.0.0.1 only. The
+# simulation's ray.init gets no node IP from Flower, so the environment is the only way in.
+LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -146,7 +154,8 @@ def private_superlink(workdir: Path) -> Iterator[dict[str, str]]:
     """A SuperLink in simulation mode on a free port, and the environment that targets it.
 
     ``flwr run <app> fedprompt`` run with the yielded environment reaches this SuperLink; it and
-    every process it started are stopped on exit.
+    every process it started are stopped on exit. It and everything it starts (the SuperExec,
+    flwr-simulation, Ray's daemons and actors) listen on the loopback interface only.
     """
     port = _free_port()
     home = workdir / "flwr-home"
@@ -158,7 +167,13 @@ def private_superlink(workdir: Path) -> Iterator[dict[str, str]]:
     )
     bin_dir = str(Path(sys.executable).parent)
     path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
-    env = {**os.environ, **QUIET_FLOWER_ENV, "FLWR_HOME": str(home), "PATH": path}
+    env = {
+        **os.environ,
+        **QUIET_FLOWER_ENV,
+        **LOOPBACK_RAY_ENV,
+        "FLWR_HOME": str(home),
+        "PATH": path,
+    }
     with (workdir / "superlink.log").open("w") as log_file:
         superlink = subprocess.Popen(
             [
