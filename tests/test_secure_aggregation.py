@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from flwr.app import MessageType
 from flwr.common import bytes_to_ndarray
 from sites_on_disk import corrupt_one_image, write_site
@@ -208,3 +209,29 @@ def test_secure_aggregation_composes_with_dp_sgd(tmp_path):
     # Each site's own accountant still reports what it spent; the noise is in its masked vector.
     assert all(site["dp_epsilon"] > 0 for site in line["sites"].values())
     assert set(summary["privacy"]) == {"site-0", "site-1", "site-2"}
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_a_plain_train_request(tmp_path):
+    names = ["hospital-a", "hospital-b", "hospital-c"]
+    configs = [write_site(tmp_path / "sites", name, seed=i) for i, name in enumerate(names)]
+    strict = yaml.safe_load(configs[0].read_text())
+    configs[0].write_text(yaml.safe_dump(strict | {"require_secure_aggregation": True}))
+    nodes = [{"site-config": str(config)} for config in configs]
+    deployed = ["federation.mode=deployment", "federation.min_sites=2"]
+
+    grid, _, lines, _, _ = _run(tmp_path, "plain", *deployed, nodes=nodes, names=names)
+    (line,) = lines
+    assert sorted(line["aggregated"]) == ["hospital-b", "hospital-c"]
+    assert "only under secure aggregation" in line["missing"]["hospital-a"]
+    sent = [r for r in grid.replies if r.metadata.src_node_id == 101 and not r.has_error()]
+    assert all(r.metadata.message_type == MessageType.EVALUATE for r in sent)
+
+    _, _, lines, _, _ = _run(
+        tmp_path,
+        "secure",
+        *deployed,
+        "federation.secure_aggregation=true",
+        nodes=nodes,
+        names=names,
+    )
+    assert sorted(lines[0]["aggregated"]) == names

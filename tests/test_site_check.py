@@ -106,6 +106,7 @@ def test_a_class_without_training_images_is_a_warning(tmp_path):
         ({"data": {"format": "biomedcoop", "path": "x"}}, "without data.dir"),
         ({"data": {"path": "x", "dir": "BTMRI"}}, "does not use"),
         ({"device": "tpu"}, "device 'tpu'"),
+        ({"require_secure_aggregation": "yes"}, "require_secure_aggregation 'yes'; use true"),
     ],
 )
 def test_a_malformed_config_is_one_sentence(tmp_path, change, message):

@@ -37,6 +37,8 @@ class SiteConfig:
         device: ``cpu``, ``cuda`` or ``auto``.
         state_dir: Where the site keeps what must survive runs (its privacy ledger).
         backbone_path: A local copy of BiomedCLIP, for federations run with ``backbone=local_dir``.
+        require_secure_aggregation: Send a trained prompt only inside Flower's SecAgg+, so the
+            server never sees this site's prompt alone, whatever the run asks.
         options: The format's own keys (``test_fraction``, ``dir``, ...).
         source: The config file this came from.
     """
@@ -48,6 +50,7 @@ class SiteConfig:
     device: str = "cpu"
     state_dir: Path | None = None
     backbone_path: Path | None = None
+    require_secure_aggregation: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
 
@@ -130,6 +133,12 @@ def load_site_config(path: str | os.PathLike) -> SiteConfig:
         )
     state_dir = raw.get("state_dir", "state")
     backbone_path = raw.get("backbone_path")
+    require_secure = raw.get("require_secure_aggregation", False)
+    if not isinstance(require_secure, bool):
+        raise SiteConfigError(
+            f"Site config {source} has require_secure_aggregation {require_secure!r}; use true "
+            "or false."
+        )
     return SiteConfig(
         name=str(raw["site_name"]),
         data_format=data_format,
@@ -138,6 +147,7 @@ def load_site_config(path: str | os.PathLike) -> SiteConfig:
         device=device,
         state_dir=_path(state_dir, base) if state_dir else None,
         backbone_path=_path(backbone_path, base) if backbone_path else None,
+        require_secure_aggregation=require_secure,
         options={key: data[key] for key in FORMAT_OPTIONS[data_format] if key in data},
         source=source,
     )

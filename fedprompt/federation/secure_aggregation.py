@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
@@ -35,6 +35,7 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Context,
+    Error,
     Message,
     MessageType,
     MetricRecord,
@@ -51,6 +52,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
@@ -64,6 +66,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedprompt.data.site_check import SiteConfigError, load_site_config
 from fedprompt.federation.validation import BUDGET_EXHAUSTED_KEY
 
 ARRAY_KEYS = "fedprompt.array-keys"
@@ -71,7 +74,8 @@ ARRAY_KEYS = "fedprompt.array-keys"
 order of the legacy parameter list."""
 CLIPPING_RANGE = "fedprompt.secagg-clipping-range"
 MAX_WEIGHT = "fedprompt.secagg-max-weight"
-_PRIVATE_KEYS = (ARRAY_KEYS, CLIPPING_RANGE, MAX_WEIGHT)
+SITE_CONFIG_KEY = "site-config"
+"""A deployed SuperNode's ``--node-config`` key naming its site config file."""
 
 # Flower's legacy workflows keep the round and the global parameters under these names.
 _WORKFLOW_CONFIG = "config"
@@ -365,15 +369,38 @@ def _as_fitres(
     return Message(metadata=reply.metadata, content=content)
 
 
+def _refuses_plain_training(node_config: Mapping[str, Any]) -> str | None:
+    """The site's name when its site config sets ``require_secure_aggregation: true``."""
+    path = node_config.get(SITE_CONFIG_KEY)
+    if not path:
+        return None
+    site = load_site_config(str(path))
+    return site.name if site.require_secure_aggregation else None
+
+
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Answer SecAgg+ messages with Flower's ``secaggplus_mod``; pass any other message on.
 
     Flower's mod asks the wrapped app for a ``FitRes`` in the collect-masked-vectors stage;
     this mod translates fedprompt's train message and reply in both directions. A site that
     refuses the round (its data cannot be used) answers with its own error reply, as it does
-    without SecAgg+.
+    without SecAgg+. A hospital whose site config requires secure aggregation answers a plain
+    train message with an error, so a server cannot ask it for its prompt alone.
     """
     if not _is_secure_round(msg):
+        if msg.metadata.message_type == MessageType.TRAIN:
+            try:
+                name = _refuses_plain_training(ctxt.node_config)
+            except SiteConfigError as err:
+                return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(err)), reply_to=msg)
+            if name is not None:
+                reason = (
+                    f"[{name}] this site sends its prompt only under secure aggregation "
+                    "(require_secure_aggregation: true in its site config); run with "
+                    "federation.secure_aggregation=true."
+                )
+                log(WARNING, "[fedprompt] refused a plain train request: %s", reason)
+                return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
         return call_next(msg, ctxt)
 
     def train_with_fitres(message: Message, context: Context) -> Message:
