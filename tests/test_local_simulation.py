@@ -3,6 +3,7 @@ none of those processes listens beyond the loopback interface."""
 
 import contextlib
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -131,7 +132,11 @@ def _is_loopback(text: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_a_simulation_listens_on_loopback_only(tmp_path):
-    """Every listening socket of the SuperLink, flwr-simulation and Ray binds 127.0.0.1."""
+    """Every listening socket of the SuperLink, flwr-simulation and Ray binds 127.0.0.1.
+
+    The run also takes SecAgg+'s four exchanges through Flower's real messaging (serialised
+    keys, shares and masked vectors), which the in-process tests cannot show.
+    """
     out = tmp_path / "results"
     command = [
         sys.executable,
@@ -140,7 +145,8 @@ def test_a_simulation_listens_on_loopback_only(tmp_path):
         "simulate",
         "quickstart",
         "federation.rounds=1",
-        "federation.num_sites=2",
+        "federation.num_sites=3",
+        "federation.secure_aggregation=true",
         "train.local_epochs=1",
         f"output_dir={out}",
     ]
@@ -164,3 +170,6 @@ def test_a_simulation_listens_on_loopback_only(tmp_path):
     assert {"flower-superlin", "gcs_server", "raylet"} <= names, listed  # the check saw them
     beyond = [held for held in seen if not _is_loopback(held[1])]
     assert not beyond, f"listening beyond the loopback interface:\n{listed}"
+    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(line["aggregated"]) == ["site-0", "site-1", "site-2"], output[-3000:]
+    assert json.loads((out / "summary.json").read_text())["secure_aggregation"] is True
