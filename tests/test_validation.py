@@ -203,3 +203,26 @@ def test_a_site_that_sends_garbage_is_rejected_every_round_and_the_run_completes
         assert line["num_trained"] == 2 and line["missing"] == {}
         assert line["sites"]["site-1"]["train_loss"] is None  # its numbers are not counted
     assert np.isfinite(summary["final"]["accuracy"])
+
+
+def test_under_secagg_one_rejected_reply_discards_the_whole_sum():
+    rejections, aggregated = [], []
+    validation = UpdateValidation(
+        FedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1),
+        REFERENCE,
+        site_name=lambda node: f"hospital-{node}",
+        on_reject=lambda *args: rejections.append(args),
+        on_aggregate=lambda node, count: aggregated.append((node, count)),
+        secure_sum=True,
+    )
+    # Every reply carries the same secure sum; site 3's metrics are unusable.
+    replies = [train_reply(1), train_reply(2), train_reply(3, **{"train-loss": float("nan")})]
+    arrays, _ = validation.aggregate_train(1, replies)
+    assert arrays is None and aggregated == []
+    assert sorted(node for node, _, _ in rejections) == [1, 2, 3]
+    assert "includes a rejected reply" in rejections[0][2] + rejections[1][2]
+
+    rejections.clear()
+    arrays, _ = validation.aggregate_train(2, [train_reply(1, 3.0), train_reply(2, 3.0)])
+    assert rejections == [] and aggregated == [(1, 10), (2, 10)]
+    np.testing.assert_allclose(arrays["ctx"].numpy(), 3.0)
