@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+
+NOISE_SEARCH_RANGE = (0.3, 1.0e4)
+"""Noise multipliers the calibration searches. Below 0.3 a run spends epsilons in the hundreds
+(nothing a DP claim can rest on) and the PRV accountant slows to seconds per evaluation and
+gigabytes of memory; above 1e4 no prompt learns anything."""
+EPSILON_TOLERANCE = 0.01
+"""The calibrated run ends within this much below its target epsilon (as Opacus' search does)."""
+MAX_SEARCH_STEPS = 60
+"""Bisection steps at most: halving the log-range 60 times is far finer than the tolerance."""
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 """Opacus accountants a ledger may use: Rényi DP (Mironov 2017; Mironov, Talwar, Zhang 2019) and
@@ -66,30 +75,54 @@ def noise_multiplier_for(
 ) -> float:
     """Smallest noise multiplier that keeps ``steps`` noisy steps within (target_epsilon, delta).
 
-    ``rate`` is the Poisson sampling rate. Uses Opacus' ``get_noise_multiplier``, which bisects
-    over sigma (to 0.01 in epsilon) with the same accountant the ledger later reports with, so a
-    run that takes the planned steps ends at or just below the target.
+    ``rate`` is the Poisson sampling rate. A bisection over ``NOISE_SEARCH_RANGE`` (on a log
+    scale, at most ``MAX_SEARCH_STEPS`` accountant calls, the same accountant the ledger later
+    reports with) stops once the run's epsilon lies within ``EPSILON_TOLERANCE`` below the
+    target, so a run that takes the planned steps ends at or just below it. The search is
+    bounded: a target outside what the range can spend is refused with a sentence, never
+    searched for without end.
 
     Raises:
-        ValueError: The budget cannot be met by any noise multiplier Opacus searches.
+        ValueError: An epsilon or delta out of range, or a budget no noise multiplier in the
+            searched range meets.
     """
-    if not target_epsilon > 0:
-        raise ValueError(f"privacy.epsilon must be positive, got {target_epsilon}.")
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(
+            f"privacy.epsilon must be a positive finite number, got {target_epsilon}."
+        )
     if not 0 < delta < 1:
         raise ValueError(f"privacy.delta must be in (0, 1), got {delta}.")
-    with warnings.catch_warnings():
-        # The search's first, very large sigmas put RDP's best order at the grid's end; the
-        # bound there is loose (conservative), and the sigma finally chosen is not affected.
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=rate,
-                steps=steps,
-                accountant=check_accountant(accountant),
-            )
+    low, high = NOISE_SEARCH_RANGE
+
+    def spent(sigma: float) -> float:
+        return epsilon_for(sigma, rate, steps, delta, accountant)
+
+    least_noise = spent(low)
+    if least_noise <= target_epsilon:
+        raise ValueError(
+            f"privacy.epsilon={target_epsilon:g} is more than this run can spend: even the least "
+            f"noise searched (noise multiplier {low}) spends only epsilon {least_noise:.1f} over "
+            f"its {steps} steps; choose privacy.epsilon at most {least_noise:.1f}, or "
+            "privacy=none for no differential privacy."
         )
+    most_noise = spent(high)
+    if most_noise > target_epsilon:
+        raise ValueError(
+            f"privacy.epsilon={target_epsilon:g} cannot be met: even noise multiplier {high:g} "
+            f"spends epsilon {most_noise:.3g} over {steps} steps; raise privacy.epsilon or take "
+            "fewer steps (federation.rounds, train.local_epochs, a larger train.batch_size)."
+        )
+    at_high = most_noise
+    for _ in range(MAX_SEARCH_STEPS):
+        if target_epsilon - at_high <= EPSILON_TOLERANCE:
+            break
+        middle = math.sqrt(low * high)
+        at_middle = spent(middle)
+        if at_middle > target_epsilon:
+            low = middle
+        else:
+            high, at_high = middle, at_middle
+    return high
 
 
 def epsilon_for(
@@ -100,4 +133,8 @@ def epsilon_for(
         return 0.0
     meter = create_accountant(mechanism=check_accountant(accountant))
     meter.history = [(float(noise_multiplier), float(rate), int(steps))]
-    return float(meter.get_epsilon(delta=delta))
+    with warnings.catch_warnings():
+        # Large noise puts RDP's best order at the grid's end; the bound there is loose
+        # (conservative), and a calibrated noise multiplier is not affected.
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+        return float(meter.get_epsilon(delta=delta))
