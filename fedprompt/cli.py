@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fedprompt.config import compose_config, list_choices
+from fedprompt.config_schema import check_config, check_site_sizes
 from fedprompt.data.sites import load_splits
 from fedprompt.user_errors import USER_ERRORS
 
@@ -37,10 +38,14 @@ def _with_output_dir(experiment: str, overrides: list[str]) -> list[str]:
 
 def _simulate(args: argparse.Namespace) -> int:
     from fedprompt.federation.local_simulation import simulate
+    from fedprompt.site_rounds import site_train_sizes
 
+    check_config(compose_config(args.experiment, list(args.overrides)))
     overrides = _with_output_dir(args.experiment, list(args.overrides))
     cfg = compose_config(args.experiment, overrides)
     load_splits(cfg)  # a missing or malformed dataset stops here, before Flower starts
+    if cfg.federation.mode == "simulation":
+        check_site_sizes(cfg, site_train_sizes(cfg))
     code = simulate(args.experiment, overrides, cfg)
     summary_path = Path(str(cfg.output_dir)) / "summary.json"
     if code != 0 or not summary_path.exists():
@@ -55,14 +60,16 @@ def _simulate(args: argparse.Namespace) -> int:
     print(
         f"fedprompt: {summary['experiment']} finished in {summary['wall_seconds']:.1f} s: "
         f"accuracy {100 * final['accuracy']:.1f}% ({final['source']}), balanced "
-        f"{100 * final['balanced_accuracy']:.1f}%, macro-F1 {100 * final['macro_f1']:.1f}%; "
-        f"results in {cfg.output_dir}"
+        f"{100 * final['balanced_accuracy']:.1f}%, macro-F1 {100 * final['macro_f1']:.1f}% on "
+        f"{summary['dataset']}; results in {cfg.output_dir}"
     )
     return 0
 
 
 def _show_config(args: argparse.Namespace) -> int:
-    print(OmegaConf.to_yaml(compose_config(args.experiment, list(args.overrides))), end="")
+    cfg = compose_config(args.experiment, list(args.overrides))
+    check_config(cfg)
+    print(OmegaConf.to_yaml(cfg), end="")
     return 0
 
 
@@ -97,6 +104,19 @@ def _site_check(args: argparse.Namespace) -> int:
         report = check_site(site, expected, on_image=bar.update)
     print(format_report(report))
     return 0 if report.ok else 1
+
+
+def _review_app(args: argparse.Namespace) -> int:
+    from fedprompt.federation.app_approval import AppNotApproved, review
+
+    trusted = Path(args.trusted_apps) if args.trusted_apps else None
+    try:
+        approved, report = review(Path(args.app), trusted)
+    except AppNotApproved as err:
+        print(f"fedprompt: {err}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0 if approved else 1
 
 
 def _out_folder(out: str | None, kind: str) -> Path:
@@ -244,6 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("overrides", nargs="*", help="Hydra overrides for --experiment")
     check.set_defaults(func=_site_check)
+    review_app = site.add_parser(
+        "review-app",
+        help="before approving an app: what it runs, its files, who signed it, whether this site "
+        "would run it",
+    )
+    review_app.add_argument("app", help="the .fab file the centre sent, or an app folder")
+    review_app.add_argument(
+        "--trusted-apps", help="this site's list of app signers, e.g. /etc/fedprompt/trusted-apps"
+    )
+    review_app.set_defaults(func=_review_app)
 
     backbone = commands.add_parser("backbone", help="backbones").add_subparsers(
         dest="action", required=True

@@ -24,6 +24,25 @@ def list_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+def check_group_choices(overrides: Sequence[str]) -> None:
+    """A choice of config group that does not exist (``method=copo``) names the ones that do.
+
+    Raises:
+        ConfigError: The group, the value and the choices there are.
+    """
+    for text in overrides:
+        name, sep, value = text.partition("=")
+        group = name.lstrip("+~")
+        if not sep or "." in group or "/" in group or not (CONFIG_DIR / group).is_dir():
+            continue
+        choices = list_choices(group)
+        if value not in choices:
+            raise ConfigError(
+                f"{group}={value} is not one of fedprompt's {group} configs; choose one of "
+                f"{', '.join(choices)}."
+            )
+
+
 def compose_config(experiment: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose the root config, an optional experiment and Hydra overrides into one resolved config.
 
@@ -45,6 +64,7 @@ def _compose_cached(experiment: str | None, overrides: tuple[str, ...]) -> DictC
             f"Unknown experiment {experiment!r}; "
             f"choose one of {', '.join(list_choices('experiment'))}."
         )
+    check_group_choices(overrides)
     all_overrides = ([f"experiment={experiment}"] if experiment else []) + list(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -24,7 +24,7 @@ from fedprompt.data.features import PROCESS_FEATURE_CACHE, CachedViews, FeatureS
 from fedprompt.data.image_set import DatasetSplits
 from fedprompt.data.partition import SitePartition
 from fedprompt.data.protocols import training_splits
-from fedprompt.data.sites import SiteData, load_splits, plan_sites, site_data
+from fedprompt.data.sites import SiteData, load_splits, plan_sites, site_data, site_train_indices
 from fedprompt.evaluation.membership_inference import membership_inference_auc
 from fedprompt.evaluation.metrics import ClassificationMetrics
 from fedprompt.learners import Learner, create_learner
@@ -90,6 +90,15 @@ def splits_and_plan(cfg: DictConfig) -> tuple[DatasetSplits, SitePartition]:
         "seed": cfg.seed,
     }
     return _splits_and_plan(OmegaConf.to_yaml(data_cfg))
+
+
+def site_train_sizes(cfg: DictConfig) -> dict[str, int]:
+    """Each simulated site's number of training images (after few-shot sampling), by name."""
+    splits, plan = splits_and_plan(cfg)
+    return {
+        name: len(site_train_indices(cfg, splits, plan, index))
+        for index, name in enumerate(plan.site_names)
+    }
 
 
 @dataclass(frozen=True)
@@ -235,12 +244,14 @@ def evaluate_session(
 
     With ``evaluation.membership_inference`` the site also attacks the prompt with a
     loss-threshold membership inference, its training images as members and its test images as
-    non-members; the per-record losses stay here and only the AUC is reported.
+    non-members; the per-record losses stay here and only the AUC is reported. A site without
+    test images has no non-members, so it reports ``num_test=0`` and no attack.
     """
     features, labels = session.features("test")
     learner = session.learner(global_state)
     metrics = evaluate(learner, features, labels, len(session.data.classnames))
-    if not session.cfg.evaluation.get("membership_inference", False):
+    attack_asked = session.cfg.evaluation.get("membership_inference", False)
+    if not attack_asked or not len(session.data.test):
         return SiteEvaluation(metrics)
     members, member_labels = session.features("train")
     attack = membership_inference_auc(

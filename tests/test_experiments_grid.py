@@ -8,13 +8,13 @@ import pytest
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from fedprompt.config import ConfigError, check_group_choices
 from fedprompt.experiments.grid import (
     GridError,
     Point,
     PointFailed,
     _logged_error,
     _process_output_to,
-    check_group_choices,
     expand_sweep,
     mean_and_std,
     open_study,
@@ -56,7 +56,7 @@ def test_unusable_sweep_is_one_sentence(override):
 
 
 def test_unknown_group_choice_names_the_choices():
-    with pytest.raises(GridError, match=r"Unknown method 'copo'; choose one of .*coop"):
+    with pytest.raises(ConfigError, match=r"method=copo is not one of .* choose one of .*coop"):
         check_group_choices(["seed=1", "method=copo"])
     check_group_choices(["method=coop", "federation.rounds=2", "dataset.root=/x"])
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from fedprompt.cli import main
+from fedprompt.config import ConfigError
 from fedprompt.experiments.grid import GridError, PointFailed, value_of
 from fedprompt.experiments.privacy_study import privacy_points, run_privacy_study
 
@@ -97,13 +98,13 @@ def test_other_swept_keys_name_their_points():
         (["privacy.epsilon=inf,0"], "privacy.epsilon=0 is not a budget"),
         (["privacy.epsilon=big"], "privacy.epsilon=big is not a budget"),
         (["privacy=dpsgd"], "The study chooses privacy= from the budget"),
-        (["method=coop,copo"], "Unknown method 'copo'"),
+        (["method=coop,copo"], "method=copo is not one of fedprompt's method configs"),
         (["seed=1,,2"], "Cannot expand 'seed=1,,2'"),
         (["seed=one"], "seed=one is not an integer"),
     ],
 )
 def test_bad_sweeps_are_one_sentence(overrides, message):
-    with pytest.raises(GridError) as err:
+    with pytest.raises(ConfigError) as err:
         privacy_points("quickstart", overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
 

@@ -16,6 +16,7 @@ from flwr.common import bytes_to_ndarray
 from sites_on_disk import corrupt_one_image, write_site
 
 from fedprompt.config import ConfigError, compose_config
+from fedprompt.config_schema import check_config
 from fedprompt.federation.inprocess_grid import InProcessGrid
 from fedprompt.federation.orchestration import run_federation, secagg_settings
 from fedprompt.federation.run_config import default_run_config
@@ -142,11 +143,13 @@ def test_no_reply_the_server_receives_holds_a_single_sites_tensors(plain_and_sec
             "federation.min_sites=1: SecAgg\\+ sums",
         ),
         (["federation.secagg.reconstruction_threshold=1.5"], "not usable by Flower's SecAgg"),
+        (["federation.secagg.clipping_range=0"], "federation.secagg.clipping_range=0 is not"),
     ],
 )
 def test_settings_secure_aggregation_cannot_honour_are_refused(overrides, message):
     cfg = compose_config("quickstart", ["federation.secure_aggregation=true", *overrides])
     with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
         secagg_settings(cfg)
 
 

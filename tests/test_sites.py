@@ -1,9 +1,13 @@
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import fedprompt.config
+from fedprompt.cli import main
 from fedprompt.config import compose_config
+from fedprompt.data.image_set import DataError
 from fedprompt.data.sites import (
     dataset_config,
     load_splits,
@@ -11,6 +15,9 @@ from fedprompt.data.sites import (
     plan_sites,
     site_data,
 )
+from fedprompt.federation.inprocess_grid import InProcessGrid
+from fedprompt.federation.orchestration import run_federation
+from fedprompt.federation.run_config import default_run_config
 
 SHARED = Path(__file__).parents[1] / "../shared/data"
 needs_shared = pytest.mark.skipif(
@@ -18,10 +25,18 @@ needs_shared = pytest.mark.skipif(
 )
 
 
-def test_missing_quickstart_data_gets_a_synthetic_stand_in(tmp_path, monkeypatch):
+def _without_shared(tmp_path, monkeypatch):
+    """As in a checkout without ../shared beside it: the shipped relative root resolves nowhere."""
     monkeypatch.setenv("FEDPROMPT_CACHE", str(tmp_path / "cache"))
-    cfg = compose_config("quickstart", [f"dataset.root={tmp_path / 'absent'}"])
+    monkeypatch.setattr(fedprompt.config, "PROJECT_DIR", tmp_path / "checkout")
+    monkeypatch.chdir(tmp_path)
+
+
+def test_missing_quickstart_data_gets_a_synthetic_stand_in(tmp_path, monkeypatch):
+    _without_shared(tmp_path, monkeypatch)
+    cfg = compose_config("quickstart", [])
     stand_in = dataset_config(cfg)
+    assert stand_in["name"] == "synthetic-btmri_mini"
     assert stand_in["format"] == "synthetic"
     assert stand_in["classnames"] == list(cfg.dataset.classnames)
     assert stand_in["root"] == str(tmp_path / "cache" / "synthetic")
@@ -36,6 +51,32 @@ def test_missing_quickstart_data_gets_a_synthetic_stand_in(tmp_path, monkeypatch
 def test_missing_data_without_fallback_is_not_replaced(tmp_path):
     cfg = compose_config(None, [f"dataset.root={tmp_path / 'absent'}"])
     assert dataset_config(cfg)["format"] == "biomedcoop"
+
+
+def test_a_root_the_user_chose_that_does_not_exist_is_an_error_not_a_stand_in(tmp_path, capsys):
+    absent = tmp_path / "nonexistent" / "dir"
+    cfg = compose_config("quickstart", [f"dataset.root={absent}"])
+    assert dataset_config(cfg)["format"] == "biomedcoop"
+    with pytest.raises(
+        DataError, match=f"Dataset BTMRI was not found: expected the split file {absent}"
+    ):
+        load_splits(cfg)
+    out = tmp_path / "run"
+    assert main(["simulate", "quickstart", f"dataset.root={absent}", f"output_dir={out}"]) == 2
+    assert "Dataset BTMRI was not found" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_run_on_the_stand_in_says_so_in_every_line_and_the_summary(tmp_path, monkeypatch):
+    _without_shared(tmp_path, monkeypatch)
+    overrides = ["federation.rounds=2", "train.local_epochs=1", f"output_dir={tmp_path / 'run'}"]
+    grid = InProcessGrid(
+        [{"partition-id": i, "num-partitions": 3} for i in range(3)],
+        default_run_config("quickstart") | {"overrides": " ".join(overrides)},
+    )
+    summary = run_federation(grid, compose_config("quickstart", overrides))
+    assert summary["dataset"] == "synthetic-btmri_mini"
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["dataset"] for line in lines] == ["synthetic-btmri_mini"] * 2
 
 
 @needs_shared

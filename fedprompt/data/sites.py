@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,23 +52,45 @@ def _synthetic_stand_in(dataset_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return stand_in
 
 
-def dataset_config(cfg: DictConfig) -> dict[str, Any]:
-    """The dataset section with its root resolved, or a synthetic stand-in where allowed.
+def _shipped_root(name: str) -> Any:
+    """The root a dataset's own config file sets (``configs/dataset/<name>.yaml``), if any."""
+    path = CONFIG_DIR / "dataset" / f"{name}.yaml"
+    return OmegaConf.load(path).get("root") if path.is_file() else None
 
-    A ready-made offline experiment (``dataset.synthetic_fallback=true``) whose images are absent
-    runs on a small generated set with the same class names instead of stopping.
+
+def uses_stand_in(dataset_cfg: Mapping[str, Any]) -> bool:
+    """Whether a run on this dataset section gets the generated stand-in instead of images.
+
+    Only a ready-made offline dataset (``synthetic_fallback: true``) whose shipped folder is
+    absent does: a root the user chose that does not exist is an error, never a silent swap.
+    """
+    root = dataset_cfg.get("root")
+    return bool(
+        dataset_cfg.get("synthetic_fallback")
+        and root is not None
+        and str(root) == str(_shipped_root(str(dataset_cfg["name"])))
+        and not resolve_root(root).exists()
+    )
+
+
+def dataset_config(cfg: DictConfig) -> dict[str, Any]:
+    """The dataset section with its root resolved, or the synthetic stand-in where it applies.
+
+    The stand-in (``uses_stand_in``) is named ``synthetic-<dataset>``, so the results say what
+    the run trained on.
     """
     dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     assert isinstance(dataset_cfg, dict)
-    root = dataset_cfg.get("root")
-    if root is not None:
-        dataset_cfg["root"] = str(resolve_root(root))
-        if dataset_cfg.get("synthetic_fallback") and not Path(dataset_cfg["root"]).exists():
-            logger.warning(
-                "Dataset folder %s is absent; using a small synthetic set with the same classes.",
-                dataset_cfg["root"],
-            )
-            return _synthetic_stand_in(dataset_cfg)
+    if uses_stand_in(dataset_cfg):
+        logger.warning(
+            "Dataset folder %s is absent; this run uses synthetic-%s, a small generated set with "
+            "the same classes, not real images.",
+            resolve_root(dataset_cfg["root"]),
+            dataset_cfg["name"],
+        )
+        return _synthetic_stand_in(dataset_cfg)
+    if dataset_cfg.get("root") is not None:
+        dataset_cfg["root"] = str(resolve_root(dataset_cfg["root"]))
     return dataset_cfg
 
 

@@ -24,7 +24,8 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
-from fedprompt.config import ConfigError, compose_config, list_choices
+from fedprompt.config import ConfigError, compose_config
+from fedprompt.config_schema import check_config, check_site_sizes
 
 STUDY_FILE = "study.json"
 POINT_FILE = "point.json"
@@ -102,20 +103,6 @@ def value_of(overrides: Sequence[str], key: str) -> str | None:
         if bare_key(name) == key:
             found = value
     return found
-
-
-def check_group_choices(overrides: Sequence[str]) -> None:
-    """A config-group choice that does not exist stops the grid before any point runs.
-
-    Raises:
-        GridError: e.g. ``method=copo``, naming the choices there are.
-    """
-    for text in overrides:
-        name, _, value = text.partition("=")
-        group = bare_key(name)
-        choices = list_choices(group) if "." not in group and "/" not in group else []
-        if choices and value not in choices:
-            raise GridError(f"Unknown {group} {value!r}; choose one of {', '.join(choices)}.")
 
 
 # ---------------------------------------------------------------- points and their folders
@@ -266,11 +253,14 @@ def run_point(experiment: str, overrides: Sequence[str], folder: Path) -> None:
     """
     from fedprompt.data.sites import load_splits
     from fedprompt.federation.local_simulation import simulate
+    from fedprompt.site_rounds import site_train_sizes
     from fedprompt.user_errors import USER_ERRORS
 
     try:
         cfg = compose_config(experiment, overrides)
         load_splits(cfg)  # a missing dataset fails here, before Flower starts
+        if cfg.federation.mode == "simulation":
+            check_site_sizes(cfg, site_train_sizes(cfg))
     except USER_ERRORS as err:
         raise PointFailed(str(err)) from None
     log = folder / FLOWER_LOG
@@ -297,8 +287,8 @@ def run_grid(
         experiment: The experiment every point starts from.
         points: The grid, in the order to run it.
         out: The study folder (see ``open_study``).
-        runner: Runs one point; by default ``run_point``, after composing the first point's
-            config so that a bad key stops the grid before anything runs. Tests pass a fake.
+        runner: Runs one point; by default ``run_point``, after checking every point's config
+            so that a bad key or value stops the grid before anything runs. Tests pass a fake.
         result: Words for a finished point's progress line (default: its accuracy).
         check: Says what is wrong with a finished point's summary for this grid (a setting
             the run did not apply, a metric it did not report), or None where it is usable.
@@ -313,7 +303,8 @@ def run_grid(
     if twice:
         raise GridError(f"The grid holds point {twice[0]} twice; list each value once.")
     if runner is None:
-        compose_config(experiment, points[0].overrides)  # a bad key stops here, before any run
+        for point in points:  # a bad key or value in any point stops here, before any run
+            check_config(compose_config(experiment, point.overrides))
         runner = run_point
     result = result or _accuracy_words
     folders = [out / point.name for point in points]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedprompt.config import compose_config
+from fedprompt.config import check_group_choices, compose_config
 from fedprompt.evaluation.plots import (
     StudyPoint,
     accuracy_per_round,
@@ -30,7 +30,6 @@ from fedprompt.experiments.grid import (
     Point,
     PointRunner,
     bare_key,
-    check_group_choices,
     expand_sweep,
     folder_name,
     mean_and_std,

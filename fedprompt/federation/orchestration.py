@@ -24,9 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.backbones import Backbone
 from fedprompt.config import ConfigError
+from fedprompt.config_schema import check_config, check_site_sizes
 from fedprompt.data.features import PROCESS_FEATURE_CACHE
 from fedprompt.data.protocols import novel_splits, protocol_name, protocol_report
-from fedprompt.data.sites import load_splits, plan_report, site_train_indices
+from fedprompt.data.sites import dataset_config, load_splits, plan_report
 from fedprompt.evaluation.metrics import BaseToNovelMetrics, ClassificationMetrics
 from fedprompt.federation.checkpoint import (
     Checkpoint,
@@ -55,13 +56,11 @@ from fedprompt.site_rounds import (
     build_learner,
     feature_settings,
     privacy_mode,
+    site_train_sizes,
     splits_and_plan,
 )
 from fedprompt.training import evaluate
 
-MODES = ("simulation", "deployment")
-SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam")
-"""Strategies that need only the weighted mean of the updates, which SecAgg+ yields."""
 DEPLOYMENT_MAX_WEIGHT = 1000.0
 NOVEL_KEYS = ("base_accuracy", "novel_accuracy", "harmonic_mean")
 """What ``summary.json``'s ``final`` adds under ``protocol=base_to_novel``."""
@@ -204,11 +203,6 @@ def _simulation_setup(
     classnames = list(splits.classnames)
     novel = None
     if protocol_name(cfg.get("protocol")) == "base_to_novel":
-        if not cfg.evaluation.central:
-            raise ConfigError(
-                "protocol=base_to_novel scores the novel classes centrally; set "
-                "evaluation.central=true."
-            )
         classnames, novel = _novel_evaluation(cfg, backbone, learner)
     central = None
     if cfg.evaluation.central:
@@ -225,46 +219,23 @@ def _simulation_setup(
     return learner, SiteDirectory(plan.site_names), central, classnames
 
 
-def _largest_site(cfg: DictConfig) -> int:
-    """The most training images any simulated site holds (SecAgg+'s default ``max_weight``)."""
-    splits, plan = splits_and_plan(cfg)
-    return max(
-        len(site_train_indices(cfg, splits, plan, i)) for i in range(len(plan.site_names))
-    )
-
-
 def secagg_settings(cfg: DictConfig) -> SecAggSettings | None:
-    """SecAgg+'s settings when ``federation.secure_aggregation`` is on, after checking the run.
+    """SecAgg+'s settings when ``federation.secure_aggregation`` is on.
+
+    ``check_config`` has already refused what SecAgg+ cannot honour (a median or trimmed mean,
+    site-level DP, fewer than two sites); this adds Flower's own checks of the protocol's
+    parameters and the default ``max_weight``.
 
     Raises:
-        ConfigError: The strategy needs each site's update (a median, a trimmed mean), site-level
-            DP clips each update at the server, or fewer than two sites take part.
+        ConfigError: Parameters Flower's ``SecAggPlusWorkflow`` refuses.
     """
     federation = cfg.federation
     if not federation.get("secure_aggregation", False):
         return None
-    strategy = str(cfg.strategy.name)
-    if strategy not in SECURE_STRATEGIES:
-        raise ConfigError(
-            f"strategy={strategy} needs each site's update, which SecAgg+ hides from the server; "
-            f"use one of {', '.join(SECURE_STRATEGIES)} with federation.secure_aggregation=true."
-        )
-    if privacy_mode(cfg) == "site_level":
-        raise ConfigError(
-            "privacy=site_level clips each site's update at the server, which SecAgg+ hides; "
-            "use privacy=dpsgd (each site's noise stays in the sum) with secure aggregation."
-        )
-    fewest = int(federation.num_sites if federation.mode == "simulation" else federation.min_sites)
-    if fewest < 2:
-        key = "num_sites" if federation.mode == "simulation" else "min_sites"
-        raise ConfigError(
-            f"federation.{key}={fewest}: SecAgg+ sums at least two sites' prompts; raise it to 2 "
-            "or more, or set federation.secure_aggregation=false."
-        )
     secagg = federation.secagg
     max_weight = secagg.max_weight
     if max_weight is None and federation.mode == "simulation":
-        max_weight = _largest_site(cfg)
+        max_weight = max(site_train_sizes(cfg).values())
     elif max_weight is None:
         max_weight = DEPLOYMENT_MAX_WEIGHT
     try:
@@ -286,11 +257,6 @@ def _deployment_setup(
     cfg: DictConfig, learner_for: LearnerFactory
 ) -> tuple[Learner, SiteDirectory, None, list[str]]:
     """Only the class list is known at the server; the sites keep their images."""
-    if protocol_name(cfg.get("protocol")) != "few_shot":
-        raise ConfigError(
-            "protocol=base_to_novel needs a central test split of every class; run it in "
-            "simulation (federation.mode=simulation)."
-        )
     if cfg.dataset.get("classnames") is None:
         raise ConfigError(
             "A deployed federation needs its class list at the server: set dataset.classnames "
@@ -315,11 +281,6 @@ def _strategy(
     holds the run's site-level epsilon.
     """
     site_level = privacy_mode(cfg) == "site_level"
-    if site_level and float(cfg.federation.fraction_train) != 1.0:
-        raise ConfigError(
-            "privacy=site_level accounts every site in every round; set "
-            "federation.fraction_train=1.0."
-        )
     aggregator: Strategy = build_strategy(
         OmegaConf.to_container(cfg.strategy, resolve=True),  # type: ignore[arg-type]
         fraction_train=float(cfg.federation.fraction_train),
@@ -363,12 +324,23 @@ def _privacy_summary(cfg: DictConfig, lines: list[dict[str, Any]]) -> dict[str, 
 def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     """Run (or continue) ``federation.rounds`` rounds over the sites' prompts; return a summary."""
     started = time.perf_counter()
+    check_config(cfg)
     mode = str(cfg.federation.mode)
-    if mode not in MODES:
-        raise ConfigError(f"federation.mode is {mode!r}; use simulation or deployment.")
+    if mode == "simulation":
+        check_site_sizes(cfg, site_train_sizes(cfg))
     secagg = secagg_settings(cfg)
+    dataset = str(dataset_config(cfg)["name"]) if mode == "simulation" else str(cfg.dataset.name)
     results, checkpoint = _open_results(cfg)
     log(INFO, "[fedprompt] results folder: %s", results.path)
+    if dataset != str(cfg.dataset.name):
+        log(
+            WARNING,
+            "[fedprompt] dataset %s: %s's images are absent, so this run trains and tests on "
+            "generated images; its numbers say nothing about %s.",
+            dataset,
+            cfg.dataset.name,
+            cfg.dataset.name,
+        )
     results.write_config(cfg)
     backbone = backbone_for(cfg)
 
@@ -422,6 +394,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         initial=initial,
         site_level_privacy=(lambda: site_level_spent(site_level)) if site_level else None,
         roster=[str(name) for name in cfg.federation.get("sites") or []],
+        dataset=dataset,
     )
     if rounds > done:
         strategy.start(
@@ -438,7 +411,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         "experiment": str(cfg.experiment_name),
         "method": str(cfg.method.name),
         "backbone": str(cfg.backbone.name),
-        "dataset": str(cfg.dataset.name),
+        "dataset": dataset,
         "mode": mode,
         "strategy": str(cfg.strategy.name),
         "secure_aggregation": secagg is not None,

@@ -79,6 +79,8 @@ class RunMonitor:
             each round's line.
         roster: The sites expected in every round (deployment: ``federation.sites``, the names
             the centre registered); one that is not connected when a round starts is missing.
+        dataset: What the sites train on, in every line (``synthetic-<name>`` for the generated
+            stand-in, so no line can be mistaken for a result on real images).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class RunMonitor:
         initial: dict[str, Any] | None = None,
         site_level_privacy: Callable[[], dict[str, Any]] | None = None,
         roster: Sequence[str] = (),
+        dataset: str = "",
     ) -> None:
         self.results = results
         self.grid = grid
@@ -104,6 +107,7 @@ class RunMonitor:
         self.initial = initial
         self.site_level_privacy = site_level_privacy
         self.roster = list(roster)
+        self.dataset = dataset
         self._known: set[int] = set()
         self._round_start = time.perf_counter()
 
@@ -166,6 +170,7 @@ class RunMonitor:
         losses = [(s["train_loss"], s["num_train"]) for s in trained if s["train_loss"] is not None]
         return {
             "round": run_round,
+            "dataset": self.dataset,
             "seconds": time.perf_counter() - self._round_start,
             "train_loss": _weighted(losses),
             "federated_accuracy": _weighted([(s["accuracy"], s["num_test"]) for s in evaluated]),
@@ -177,12 +182,15 @@ class RunMonitor:
             "missing": dict(sorted(missing.items())),
             "rejected": dict(sorted(rejected.items())),
             "withheld": dict(sorted(withheld.items())),
+            "no_test_images": sorted(site for site, s in sites.items() if s["num_test"] == 0),
             "site_level_privacy": self.site_level_privacy() if self.site_level_privacy else None,
             "sites": dict(sorted(sites.items())),
         }
 
     def _log(self, line: dict[str, Any]) -> None:
         parts = [f"[fedprompt] round {line['round']}/{self.num_rounds}"]
+        if line["dataset"].startswith("synthetic-"):
+            parts.append(f"data {line['dataset']} (generated)")
         if line["train_loss"] is not None:
             parts.append(f"train loss {line['train_loss']:.4f} ({line['num_trained']} sites)")
         else:
@@ -204,6 +212,8 @@ class RunMonitor:
             parts.append(f"rejected {', '.join(line['rejected'])}")
         if line["withheld"]:
             parts.append(f"left out {', '.join(line['withheld'])}")
+        if line["no_test_images"]:
+            parts.append(f"no test images at {', '.join(line['no_test_images'])}")
         epsilons = [s["dp_epsilon"] for s in line["sites"].values() if s["dp_epsilon"] is not None]
         if epsilons:
             parts.append(f"dp epsilon up to {max(epsilons):.2f}")

@@ -70,6 +70,44 @@ def default_delta(num_records: int) -> float:
     return 1.0 / (10.0 * num_records)
 
 
+def check_budget_reachable(
+    target_epsilon: float, delta: float, rate: float, steps: int, accountant: str
+) -> float:
+    """Check that some noise multiplier in ``NOISE_SEARCH_RANGE`` meets the budget.
+
+    Two accountant calls, at either end of the range: the check a run makes before it starts.
+
+    Returns:
+        The epsilon the largest noise multiplier searched spends.
+
+    Raises:
+        ValueError: An epsilon or delta out of range, or a budget outside what the range spends.
+    """
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(
+            f"privacy.epsilon must be a positive finite number, got {target_epsilon}."
+        )
+    if not 0 < delta < 1:
+        raise ValueError(f"privacy.delta must be in (0, 1), got {delta}.")
+    low, high = NOISE_SEARCH_RANGE
+    least_noise = epsilon_for(low, rate, steps, delta, accountant)
+    if least_noise <= target_epsilon:
+        raise ValueError(
+            f"privacy.epsilon={target_epsilon:g} is more than this run can spend: even the least "
+            f"noise searched (noise multiplier {low}) spends only epsilon {least_noise:.1f} over "
+            f"its {steps} steps; choose privacy.epsilon at most {least_noise:.1f}, or "
+            "privacy=none for no differential privacy."
+        )
+    most_noise = epsilon_for(high, rate, steps, delta, accountant)
+    if most_noise > target_epsilon:
+        raise ValueError(
+            f"privacy.epsilon={target_epsilon:g} cannot be met: even noise multiplier {high:g} "
+            f"spends epsilon {most_noise:.3g} over {steps} steps; raise privacy.epsilon or take "
+            "fewer steps (federation.rounds, train.local_epochs, a larger train.batch_size)."
+        )
+    return most_noise
+
+
 def noise_multiplier_for(
     target_epsilon: float, delta: float, rate: float, steps: int, accountant: str
 ) -> float:
@@ -86,32 +124,12 @@ def noise_multiplier_for(
         ValueError: An epsilon or delta out of range, or a budget no noise multiplier in the
             searched range meets.
     """
-    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
-        raise ValueError(
-            f"privacy.epsilon must be a positive finite number, got {target_epsilon}."
-        )
-    if not 0 < delta < 1:
-        raise ValueError(f"privacy.delta must be in (0, 1), got {delta}.")
+    most_noise = check_budget_reachable(target_epsilon, delta, rate, steps, accountant)
     low, high = NOISE_SEARCH_RANGE
 
     def spent(sigma: float) -> float:
         return epsilon_for(sigma, rate, steps, delta, accountant)
 
-    least_noise = spent(low)
-    if least_noise <= target_epsilon:
-        raise ValueError(
-            f"privacy.epsilon={target_epsilon:g} is more than this run can spend: even the least "
-            f"noise searched (noise multiplier {low}) spends only epsilon {least_noise:.1f} over "
-            f"its {steps} steps; choose privacy.epsilon at most {least_noise:.1f}, or "
-            "privacy=none for no differential privacy."
-        )
-    most_noise = spent(high)
-    if most_noise > target_epsilon:
-        raise ValueError(
-            f"privacy.epsilon={target_epsilon:g} cannot be met: even noise multiplier {high:g} "
-            f"spends epsilon {most_noise:.3g} over {steps} steps; raise privacy.epsilon or take "
-            "fewer steps (federation.rounds, train.local_epochs, a larger train.batch_size)."
-        )
     at_high = most_noise
     for _ in range(MAX_SEARCH_STEPS):
         if target_epsilon - at_high <= EPSILON_TOLERANCE:

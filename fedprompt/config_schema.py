@@ -1,0 +1,315 @@
+"""One validation pass over a composed run config, before any process starts.
+
+Every key a run reads has a rule: its type and its allowed range or choices, depending on the
+config groups chosen (``privacy.epsilon`` only under ``privacy=dpsgd``). Keys that must agree
+(secure aggregation and the strategy, base-to-novel and central evaluation, ...) are checked
+together. The first problem stops the run with one sentence naming the key, the value and what
+is allowed; ``fedprompt simulate``, ``config``, ``table`` and ``study`` and the ServerApp call
+``check_config`` before they start anything, so a bad value costs seconds, not a Flower start.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedprompt.config import ConfigError
+from fedprompt.privacy.calibration import (
+    check_budget_reachable,
+    default_delta,
+    planned_steps,
+    sample_rate,
+)
+
+MIN_DP_RECORDS = 10
+"""Fewest training records a DP-SGD site may hold: below this, noise drowns every step."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key may hold.
+
+    Attributes:
+        key: The dotted config key.
+        kind: ``int``, ``float``, ``bool``, ``str`` or ``list`` (a list of names).
+        low, high: Bounds of a number (None: unbounded), inclusive unless ``*_open``.
+        choices: The strings a ``str`` key may take.
+        nullable: Whether ``null`` is allowed (it means "the default" where a key says so).
+        hint: What the range means, for the sentence.
+    """
+
+    key: str
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    nullable: bool = False
+    hint: str = ""
+
+    def allowed(self) -> str:
+        """The allowed values in words: ``an integer >= 1``, ``one of sgd, adamw``."""
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        noun = {
+            int: "an integer",
+            float: "a finite number",
+            bool: "true or false",
+            list: "a list of names",
+        }.get(self.kind, "a string")
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        text = noun + (" " + " and ".join(bounds) if bounds else "")
+        if self.nullable:
+            text += ", or null"
+        return text + (f" ({self.hint})" if self.hint else "")
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` breaks the rule, or None."""
+        if value is None:
+            return None if self.nullable else "it is null"
+        if self.kind is bool:
+            return None if isinstance(value, bool) else "it is not true or false"
+        if self.kind is list:
+            ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+            if not ok:
+                return "it is not a list of names"
+            return "it names a site twice" if len(set(value)) < len(value) else None
+        if self.kind is str:
+            if not isinstance(value, str):
+                return "it is not a string"
+            return None if not self.choices or value in self.choices else "it is not a choice"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "it is not a number"
+        if self.kind is int and not float(value).is_integer():
+            return "it is not an integer"
+        if not math.isfinite(value):
+            return "it is not finite"
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return "it is too small"
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return "it is too large"
+        return None
+
+
+COMMON: tuple[Rule, ...] = (
+    Rule("seed", int),
+    Rule("federation.mode", str, choices=("simulation", "deployment")),
+    Rule("federation.num_sites", int, low=1),
+    Rule("federation.rounds", int, low=1),
+    Rule("federation.fraction_train", float, low=0, high=1, low_open=True),
+    Rule("federation.fraction_evaluate", float, low=0, high=1, low_open=True),
+    Rule("federation.min_sites", int, low=1),
+    Rule("federation.connect_timeout", float, low=0, hint="seconds"),
+    Rule("federation.round_timeout", float, low=0, low_open=True, hint="seconds"),
+    Rule("federation.max_update_ratio", float, low=1),
+    Rule("federation.client_cpus", float, low=0, low_open=True),
+    Rule("federation.client_gpus", float, low=0),
+    Rule("federation.sites", list, nullable=True),
+    Rule("federation.secure_aggregation", bool),
+    Rule("federation.secagg.num_shares", float, low=0, low_open=True),
+    Rule("federation.secagg.reconstruction_threshold", float, low=0, low_open=True),
+    Rule("federation.secagg.max_weight", float, low=0, low_open=True, nullable=True),
+    Rule("federation.secagg.clipping_range", float, low=0, low_open=True),
+    Rule("federation.secagg.quantization_range", int, low=2, high=2**31),
+    Rule("train.shots", int, low=0, hint="images per class; 0 means every image"),
+    Rule("train.local_epochs", int, low=1),
+    Rule("train.batch_size", int, low=1),
+    Rule("train.optimizer", str, choices=("sgd", "adamw")),
+    Rule("train.lr", float, low=0, low_open=True),
+    Rule("train.momentum", float, low=0, high=1, high_open=True),
+    Rule("train.weight_decay", float, low=0),
+    Rule("evaluation.central", bool),
+    Rule("evaluation.membership_inference", bool),
+    Rule("features.views", int, low=1),
+    Rule("features.batch_size", int, low=1),
+    Rule("features.num_workers", int, low=0),
+    Rule("features.memory_mb", float, low=0),
+    Rule("features.patch_tokens_budget_mb", float, low=0),
+)
+
+BY_GROUP: dict[tuple[str, str], tuple[Rule, ...]] = {
+    ("partition", "dirichlet"): (
+        Rule("partition.alpha", float, low=0, low_open=True, hint="smaller is more skewed"),
+        Rule("partition.min_size", int, low=0),
+    ),
+    ("partition", "pathological"): (Rule("partition.classes_per_site", int, low=1),),
+    ("privacy", "dpsgd"): (
+        Rule("privacy.epsilon", float, low=0, low_open=True),
+        Rule("privacy.delta", float, low=0, high=1, low_open=True, high_open=True, nullable=True),
+        Rule("privacy.noise_multiplier", float, low=0, low_open=True, nullable=True),
+        Rule("privacy.max_grad_norm", float, low=0, low_open=True),
+        Rule("privacy.accountant", str, choices=("prv", "rdp")),
+        Rule("privacy.clipping", str, choices=("auto", "text_features", "exact")),
+        Rule("privacy.exact_chunk_size", int, low=1, nullable=True),
+        Rule("privacy.deterministic", bool),
+    ),
+    ("privacy", "site_level"): (
+        Rule("privacy.clipping_norm", float, low=0, low_open=True),
+        Rule("privacy.noise_multiplier", float, low=0),
+        Rule("privacy.delta", float, low=0, high=1, low_open=True, high_open=True),
+        Rule("privacy.side", str, choices=("server", "client")),
+    ),
+    ("strategy", "fedprox"): (Rule("strategy.proximal_mu", float, low=0),),
+    ("strategy", "trimmed_mean"): (Rule("strategy.beta", float, low=0, high=0.5, high_open=True),),
+    ("strategy", "fedadam"): (
+        Rule("strategy.eta", float, low=0, low_open=True),
+        Rule("strategy.eta_l", float, low=0, low_open=True),
+        Rule("strategy.beta_1", float, low=0, high=1, high_open=True),
+        Rule("strategy.beta_2", float, low=0, high=1, high_open=True),
+        Rule("strategy.tau", float, low=0, low_open=True),
+    ),
+}
+
+SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+"""Strategies that need only the weighted mean of the updates, which SecAgg+ yields."""
+
+
+def _value(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=None)
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _group(cfg: DictConfig, group: str) -> str:
+    return str(OmegaConf.select(cfg, f"{group}.name", default=""))
+
+
+def _cross_checks(cfg: DictConfig) -> str | None:
+    """The first disagreement between keys, as a sentence, or None."""
+    federation = cfg.federation
+    simulated = federation.mode == "simulation"
+    privacy, strategy = _group(cfg, "privacy"), _group(cfg, "strategy")
+    if not simulated and federation.min_sites > federation.num_sites:
+        return (
+            f"federation.min_sites={federation.min_sites} is more than federation.num_sites="
+            f"{federation.num_sites}; it must be at most the number of sites."
+        )
+    if privacy == "site_level" and float(federation.fraction_train) != 1.0:
+        return (
+            f"privacy=site_level accounts every site in every round, but federation."
+            f"fraction_train={federation.fraction_train}; set federation.fraction_train=1.0."
+        )
+    if _group(cfg, "protocol") == "base_to_novel":
+        if not simulated:
+            return (
+                "protocol=base_to_novel needs a central test split of every class; run it with "
+                "federation.mode=simulation."
+            )
+        if not cfg.evaluation.central:
+            return (
+                "protocol=base_to_novel scores the novel classes centrally; set "
+                "evaluation.central=true."
+            )
+    if privacy != "none" and _group(cfg, "method") == "zeroshot":
+        return (
+            f"method=zeroshot trains nothing, so privacy={privacy} has nothing to protect; use "
+            "privacy=none."
+        )
+    if _group(cfg, "partition") == "pathological":
+        classes = _value(cfg, "dataset.classnames")
+        per_site = int(cfg.partition.classes_per_site)
+        if isinstance(classes, list) and per_site > len(classes):
+            return (
+                f"partition.classes_per_site={per_site} is more than the dataset's "
+                f"{len(classes)} classes; it must be between 1 and {len(classes)}."
+            )
+    if federation.secure_aggregation:
+        if strategy not in SECURE_STRATEGIES:
+            return (
+                f"strategy={strategy} needs each site's update, which SecAgg+ hides from the "
+                f"server; use one of {', '.join(SECURE_STRATEGIES)} with "
+                "federation.secure_aggregation=true."
+            )
+        if privacy == "site_level":
+            return (
+                "privacy=site_level clips each site's update at the server, which SecAgg+ hides; "
+                "use privacy=dpsgd (each site's noise stays in the sum) with secure aggregation."
+            )
+        key = "num_sites" if simulated else "min_sites"
+        if int(federation[key]) < 2:
+            return (
+                f"federation.{key}={federation[key]}: SecAgg+ sums at least two sites' prompts; "
+                "raise it to 2 or more, or set federation.secure_aggregation=false."
+            )
+    return None
+
+
+def rules_for(cfg: DictConfig) -> tuple[Rule, ...]:
+    """The rules that apply to this config: the common ones and its groups' own."""
+    chosen = [
+        BY_GROUP.get((group, _group(cfg, group)), ())
+        for group in ("partition", "privacy", "strategy")
+    ]
+    return COMMON + tuple(rule for rules in chosen for rule in rules)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check every key's type and range, then the keys that must agree.
+
+    Raises:
+        ConfigError: The first problem, in one sentence naming the key, the value and what is
+            allowed.
+    """
+    for rule in rules_for(cfg):
+        value = _value(cfg, rule.key)
+        if rule.problem(value) is not None:
+            shown = "null" if value is None else value
+            raise ConfigError(f"{rule.key}={shown} is not allowed: use {rule.allowed()}.")
+    problem = _cross_checks(cfg)
+    if problem:
+        raise ConfigError(problem)
+
+
+def check_site_sizes(cfg: DictConfig, train_sizes: Mapping[str, int]) -> None:
+    """Refuse a run whose sites' training sets cannot carry its privacy settings.
+
+    Under ``privacy=dpsgd`` a site needs at least ``MIN_DP_RECORDS`` records, an explicit
+    ``privacy.delta`` must stay below 1/n (at 1/n releasing one whole record is allowed), and
+    the budget must be one the noise calibration can meet for the site's planned steps.
+
+    Raises:
+        ConfigError: The first site that cannot, with its size and the way out.
+    """
+    empty = sorted(name for name, n in train_sizes.items() if n < 1)
+    if empty:
+        raise ConfigError(
+            f"Site {empty[0]} gets no training images (train.shots={cfg.train.shots}, "
+            f"partition={_group(cfg, 'partition')}, {len(train_sizes)} sites); use fewer sites, "
+            "another partition or more shots."
+        )
+    if _group(cfg, "privacy") != "dpsgd":
+        return
+    delta = cfg.privacy.get("delta")
+    budget_checked: set[int] = set()
+    for name, n in sorted(train_sizes.items(), key=lambda item: item[1]):
+        if n < MIN_DP_RECORDS:
+            raise ConfigError(
+                f"Site {name} holds {n} training images, fewer than the {MIN_DP_RECORDS} "
+                "DP-SGD needs for noise that does not drown every step; use fewer sites, more "
+                "train.shots, or privacy=none."
+            )
+        if delta is not None and float(delta) >= 1.0 / n:
+            raise ConfigError(
+                f"privacy.delta={delta} is not below 1/n = {1.0 / n:.3g} for site {name} "
+                f"({n} training images): such a delta allows releasing a whole record; set it "
+                "below 1/n or to null (1/(10 n))."
+            )
+        if cfg.privacy.get("noise_multiplier") is None and n not in budget_checked:
+            budget_checked.add(n)
+            rate = sample_rate(int(cfg.train.batch_size), n)
+            steps = planned_steps(int(cfg.federation.rounds), int(cfg.train.local_epochs), rate)
+            site_delta = float(delta) if delta is not None else default_delta(n)
+            try:
+                check_budget_reachable(
+                    float(cfg.privacy.epsilon), site_delta, rate, steps, str(cfg.privacy.accountant)
+                )
+            except ValueError as err:
+                raise ConfigError(f"Site {name} ({n} training images): {err}") from None
