@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from fedprompt.config import compose_config, list_choices
 from fedprompt.config_schema import check_config, check_site_sizes
 from fedprompt.data.sites import load_splits
+from fedprompt.terminal import FLOWER_LOG
 from fedprompt.user_errors import USER_ERRORS
 
 
@@ -46,16 +47,24 @@ def _simulate(args: argparse.Namespace) -> int:
     load_splits(cfg)  # a missing or malformed dataset stops here, before Flower starts
     if cfg.federation.mode == "simulation":
         check_site_sizes(cfg, site_train_sizes(cfg))
-    code = simulate(args.experiment, overrides, cfg)
+    flower_log = Path(str(cfg.output_dir)) / FLOWER_LOG
+    code = simulate(args.experiment, overrides, cfg, flower_log=flower_log, verbose=args.verbose)
     summary_path = Path(str(cfg.output_dir)) / "summary.json"
-    if code != 0 or not summary_path.exists():
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if summary.get("status") == "failed":
         print(
-            f"fedprompt: the run did not finish; what it wrote is in {cfg.output_dir}, and the "
-            "Flower log above says why (look for [fedprompt] or ERROR).",
+            f"fedprompt: the run failed: {summary['reason']} What it wrote is in "
+            f"{cfg.output_dir}.",
             file=sys.stderr,
         )
         return code or 1
-    summary = json.loads(summary_path.read_text())
+    if code != 0 or summary.get("status") != "completed":
+        print(
+            f"fedprompt: the run did not finish; what it wrote is in {cfg.output_dir}, and "
+            f"Flower's log {flower_log} says why (look for [fedprompt] or ERROR).",
+            file=sys.stderr,
+        )
+        return code or 1
     final = summary["final"]
     print(
         f"fedprompt: {summary['experiment']} finished in {summary['wall_seconds']:.1f} s: "
@@ -236,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("experiment", choices=list_choices("experiment"))
     simulate.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation.rounds=5")
+    simulate.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=f"show all of Flower's output (it always goes to {FLOWER_LOG} in the results folder)",
+    )
     simulate.set_defaults(func=_simulate)
 
     show = commands.add_parser("config", help="print the composed config of an experiment")

@@ -2,7 +2,7 @@
 
 Each point is a real run through Flower's simulation engine (``local_simulation.simulate``, the
 same call as ``fedprompt simulate``) writing its own results folder under the study folder. A
-point whose ``summary.json`` exists is not run again, so repeating a command resumes it.
+point whose ``summary.json`` says it completed is not run again, so repeating a command resumes it.
 """
 
 from __future__ import annotations
@@ -187,9 +187,25 @@ def _describe(identity: Mapping[str, Any]) -> str:
 
 
 def read_summary(folder: Path) -> dict[str, Any] | None:
-    """A finished run's ``summary.json``, or None where the run has not finished."""
+    """A completed run's ``summary.json``, or None where the run has not completed.
+
+    A run that failed also writes one, with ``"status": "failed"``: it counts as not done, so
+    repeating the grid runs it again.
+    """
     path = folder / "summary.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return summary if summary.get("status", "completed") == "completed" else None
+
+
+def failure_reason(folder: Path) -> str | None:
+    """The reason a run's ``summary.json`` gives for its failure, if it failed."""
+    path = folder / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return summary.get("reason") if summary.get("status") == "failed" else None
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
@@ -268,8 +284,10 @@ def run_point(experiment: str, overrides: Sequence[str], folder: Path) -> None:
         code = simulate(experiment, overrides, cfg)
     if code == INTERRUPTED:  # simulate stops Flower on Ctrl-C and returns 130: stop the grid too
         raise KeyboardInterrupt
-    if code != 0 or not (folder / "summary.json").is_file():
-        reason = _logged_error(log) or f"flwr run exited with code {code}"
+    if code != 0 or read_summary(folder) is None:
+        reason = (
+            failure_reason(folder) or _logged_error(log) or f"flwr run exited with code {code}"
+        )
         raise PointFailed(f"{reason.rstrip('.')} (Flower's log: {log}).")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import datetime
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from fedprompt.federation.checkpoint import (
     resumable_checkpoint,
 )
 from fedprompt.federation.metered_grid import MeteredGrid, SiteDirectory
-from fedprompt.federation.run_monitor import DP_LINE_KEYS, CentralEvaluation, RunMonitor
+from fedprompt.federation.run_monitor import DP_LINE_KEYS, CentralEvaluation, RunFailed, RunMonitor
 from fedprompt.federation.secure_aggregation import SecAggSettings, SecureAggregationGrid
 from fedprompt.federation.site_level_dp import (
     SITE_WEIGHT_KEY,
@@ -321,6 +321,33 @@ def _privacy_summary(cfg: DictConfig, lines: list[dict[str, Any]]) -> dict[str, 
     return {name: privacy_summary(latest[name], accountant) for name in sorted(latest)}
 
 
+def _write_failure(
+    results: ResultsFolder,
+    identity: dict[str, Any],
+    lines: list[dict[str, Any]],
+    reason: str,
+    seconds: float,
+) -> None:
+    """``summary.json`` of a run that stopped: its status and reason, and no final metrics.
+
+    The rounds that did complete stay in ``metrics.jsonl`` and the checkpoint; nothing here
+    reports a number as the run's result.
+    """
+    completed = max((line["round"] for line in lines), default=0)
+    results.write_json(
+        "summary.json",
+        {
+            **identity,
+            "status": "failed",
+            "reason": reason,
+            "rounds_completed": completed,
+            "final": None,
+            "wall_seconds": seconds,
+        },
+    )
+    log(ERROR, "[fedprompt] the run failed after %d rounds: %s", completed, reason)
+
+
 def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     """Run (or continue) ``federation.rounds`` rounds over the sites' prompts; return a summary."""
     started = time.perf_counter()
@@ -396,18 +423,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         roster=[str(name) for name in cfg.federation.get("sites") or []],
         dataset=dataset,
     )
-    if rounds > done:
-        strategy.start(
-            grid=train_grid,
-            initial_arrays=arrays,
-            num_rounds=rounds - done,
-            timeout=float(cfg.federation.round_timeout),
-            evaluate_fn=monitor,
-        )
-
-    payload = sum(t.numel() * t.element_size() for t in initial_state.values())
-    lines = monitor.lines
-    summary = {
+    identity = {
         "experiment": str(cfg.experiment_name),
         "method": str(cfg.method.name),
         "backbone": str(cfg.backbone.name),
@@ -418,6 +434,27 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         "num_sites": num_sites,
         "rounds": rounds,
         "seed": int(cfg.seed),
+    }
+    try:
+        if rounds > done:
+            strategy.start(
+                grid=train_grid,
+                initial_arrays=arrays,
+                num_rounds=rounds - done,
+                timeout=float(cfg.federation.round_timeout),
+                evaluate_fn=monitor,
+            )
+    except Exception as err:
+        reason = str(err) if isinstance(err, RunFailed) else f"{type(err).__name__}: {err}"
+        _write_failure(results, identity, monitor.lines, reason, time.perf_counter() - started)
+        raise RunFailed(reason) from err
+
+    payload = sum(t.numel() * t.element_size() for t in initial_state.values())
+    lines = monitor.lines
+    summary = {
+        **identity,
+        "status": "completed",
+        "reason": None,
         "protocol": protocol_report(cfg.get("protocol"), int(cfg.train.shots), classnames),
         "resumed_after_round": done if checkpoint is not None else None,
         "final": _final_metrics(lines),

@@ -19,6 +19,20 @@ from fedprompt.results import ResultsFolder
 CentralEvaluation = Callable[[ArrayRecord], ClassificationMetrics | BaseToNovelMetrics]
 
 
+class RunFailed(RuntimeError):
+    """The run cannot do what was asked; the message is one sentence saying why."""
+
+
+def _why_nothing_was_aggregated(line: dict[str, Any]) -> str:
+    """The sites that did not contribute to a round, and why, in a few words each."""
+    reasons = [
+        f"{site} {kind}: {reason.split('; ')[0]}"
+        for kind in ("missing", "rejected", "withheld")
+        for site, reason in line[kind].items()
+    ]
+    return "; ".join(reasons[:4]) + ("; ..." if len(reasons) > 4 else "") or "no site was asked"
+
+
 def _weighted(values: Sequence[tuple[float, float]]) -> float | None:
     """Mean of ``(value, weight)`` pairs, or None when there is no weight."""
     total = sum(weight for _, weight in values)
@@ -134,6 +148,11 @@ class RunMonitor:
         self.lines.append(line)
         self._log(line)
         self._round_start = time.perf_counter()
+        if line["num_trained"] == 0:
+            raise RunFailed(
+                f"Round {run_round} aggregated no site's update, so the prompt did not train "
+                f"({_why_nothing_was_aggregated(line)})."
+            )
         return MetricRecord(central) if central else None
 
     def _line(

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprompt.federation.orchestration import run_federation
 from fedprompt.federation.run_config import config_from_run_config
+from fedprompt.federation.run_monitor import RunFailed
 from fedprompt.user_errors import USER_ERRORS
 
 # Flower prints through its own handler. Without a handler on the root logger, the first library
@@ -23,9 +24,14 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point of every fedprompt simulation and deployment."""
+    """Entry point of every fedprompt simulation and deployment.
+
+    A run that cannot do what was asked raises ``RunFailed`` (an ``Exception``, unlike
+    ``SystemExit``, which Flower's runtimes would take for a finished run), so Flower records
+    the run as failed and ``flwr ls`` says so.
+    """
     try:
         run_federation(grid, config_from_run_config(context.run_config))
     except USER_ERRORS as err:
         log(ERROR, "[fedprompt] %s", err)
-        raise SystemExit(1) from None
+        raise RunFailed(str(err)) from None
