@@ -199,3 +199,13 @@ def test_privacy_study_end_to_end_on_the_quickstart(tmp_path, capsys):
         assert 0 <= float(row["accuracy_pct"]) <= 100 and 0 <= float(row["mia_auc"]) <= 1
     assert (out / "plots" / "accuracy_vs_epsilon.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "plots" / "accuracy_per_round-coop-iid.png").is_file()
+
+
+def test_a_bad_value_in_any_point_stops_the_study_before_its_folder_exists(tmp_path, capsys):
+    out = tmp_path / "study"
+    with pytest.raises(ConfigError, match=r"train\.batch_size=0 is not allowed"):
+        run_privacy_study("quickstart", ["privacy.epsilon=8", "train.batch_size=0"], out)
+    assert not out.exists()
+    # Through the command: exit status 2, one sentence.
+    assert main(["study", "privacy", "quickstart", "--out", str(out), "train.lr=0"]) == 2
+    assert "train.lr=0 is not allowed" in capsys.readouterr().err and not out.exists()

@@ -212,3 +212,10 @@ def test_table_end_to_end_on_the_quickstart(tmp_path, capsys):
     # Repeating the command runs nothing.
     assert main(argv) == 0
     assert "all 2 points already have results" in capsys.readouterr().out
+
+
+def test_a_bad_value_stops_the_table_before_its_folder_exists(tmp_path, capsys):
+    out = tmp_path / "table"
+    command = ["table", "quickstart", "--shots", "1", "--seeds", "1", "--out", str(out)]
+    assert main([*command, "train.lr=0"]) == 2
+    assert "train.lr=0 is not allowed" in capsys.readouterr().err and not out.exists()

@@ -152,6 +152,16 @@ def folder_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]+", "-", text).strip("-") or "-"
 
 
+def check_points(experiment: str, points: Sequence[Point]) -> None:
+    """Check every point's config before anything runs, the study folder included.
+
+    Raises:
+        ConfigError: The first point's problem, in one sentence.
+    """
+    for point in points:
+        check_config(compose_config(experiment, point.overrides))
+
+
 def open_study(out: Path, identity: Mapping[str, Any]) -> None:
     """Create the study folder, or check that an existing one holds this very study.
 
@@ -285,9 +295,7 @@ def run_point(experiment: str, overrides: Sequence[str], folder: Path) -> None:
     if code == INTERRUPTED:  # simulate stops Flower on Ctrl-C and returns 130: stop the grid too
         raise KeyboardInterrupt
     if code != 0 or read_summary(folder) is None:
-        reason = (
-            failure_reason(folder) or _logged_error(log) or f"flwr run exited with code {code}"
-        )
+        reason = failure_reason(folder) or _logged_error(log) or f"flwr run exited with code {code}"
         raise PointFailed(f"{reason.rstrip('.')} (Flower's log: {log}).")
 
 
@@ -305,8 +313,8 @@ def run_grid(
         experiment: The experiment every point starts from.
         points: The grid, in the order to run it.
         out: The study folder (see ``open_study``).
-        runner: Runs one point; by default ``run_point``, after checking every point's config
-            so that a bad key or value stops the grid before anything runs. Tests pass a fake.
+        runner: Runs one point; by default ``run_point``. Tests pass a fake. Callers check the
+            points first (``check_points``).
         result: Words for a finished point's progress line (default: its accuracy).
         check: Says what is wrong with a finished point's summary for this grid (a setting
             the run did not apply, a metric it did not report), or None where it is usable.
@@ -320,10 +328,7 @@ def run_grid(
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise GridError(f"The grid holds point {twice[0]} twice; list each value once.")
-    if runner is None:
-        for point in points:  # a bad key or value in any point stops here, before any run
-            check_config(compose_config(experiment, point.overrides))
-        runner = run_point
+    runner = runner or run_point
     result = result or _accuracy_words
     folders = [out / point.name for point in points]
     for point, folder in zip(points, folders, strict=True):

@@ -30,6 +30,7 @@ from fedprompt.experiments.grid import (
     Point,
     PointRunner,
     bare_key,
+    check_points,
     expand_sweep,
     folder_name,
     mean_and_std,
@@ -384,6 +385,8 @@ def run_privacy_study(
     points, shared = privacy_points(experiment, overrides)
     if not points:
         raise GridError("The sweep is empty; give at least one value for every key.")
+    if runner is None:
+        check_points(experiment, points)
     open_study(out, {"command": "study privacy", "experiment": experiment, "settings": shared})
     outcomes = run_grid(
         experiment, points, out, runner=runner, result=result_words, check=check_summary

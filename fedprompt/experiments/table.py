@@ -25,6 +25,7 @@ from fedprompt.experiments.grid import (
     Point,
     PointRunner,
     bare_key,
+    check_points,
     mean_and_std,
     open_study,
     parse_sweep,
@@ -397,6 +398,8 @@ def run_table(
     """
     points = table_points(grid, overrides)
     cfg = compose_config(experiment, overrides)
+    if runner is None:
+        check_points(experiment, points)
     open_study(out, {"command": "table", "experiment": experiment, "settings": sorted(overrides)})
     outcomes = run_grid(
         experiment, points, out, runner=runner, result=result_words, check=check_summary
