@@ -67,6 +67,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedprompt.data.site_check import SiteConfigError, load_site_config
+from fedprompt.federation.local_site import SITE_CONFIG_KEY
 from fedprompt.federation.validation import BUDGET_EXHAUSTED_KEY
 
 ARRAY_KEYS = "fedprompt.array-keys"
@@ -74,8 +75,6 @@ ARRAY_KEYS = "fedprompt.array-keys"
 order of the legacy parameter list."""
 CLIPPING_RANGE = "fedprompt.secagg-clipping-range"
 MAX_WEIGHT = "fedprompt.secagg-max-weight"
-SITE_CONFIG_KEY = "site-config"
-"""A deployed SuperNode's ``--node-config`` key naming its site config file."""
 
 # Flower's legacy workflows keep the round and the global parameters under these names.
 _WORKFLOW_CONFIG = "config"
@@ -84,7 +83,7 @@ _WORKFLOW_PARAMETERS = "parameters"
 
 @dataclass(frozen=True)
 class SecAggSettings:
-    """SecAgg+'s parameters (``federation.secagg_*``), as ``SecAggPlusWorkflow`` takes them.
+    """SecAgg+'s parameters (``federation.secagg.*``), as ``SecAggPlusWorkflow`` takes them.
 
     Attributes:
         num_shares: Shares of each site's secrets: an int, or a float as the fraction of the
