@@ -106,8 +106,8 @@ def test_simulate_resume_writes_on_into_the_resumed_folder(tmp_path, monkeypatch
     _stopped_run(tmp_path / "run")
     seen = {}
 
-    def fake_simulate(experiment, overrides, cfg):
-        seen.update(overrides=overrides, cfg=cfg)
+    def fake_simulate(experiment, overrides, cfg, **output):
+        seen.update(overrides=overrides, cfg=cfg, output=output)
         return 1
 
     monkeypatch.setattr(local_simulation, "simulate", fake_simulate)
@@ -116,3 +116,5 @@ def test_simulate_resume_writes_on_into_the_resumed_folder(tmp_path, monkeypatch
     folder = str(tmp_path / "run")
     assert seen["cfg"].resume == folder and seen["cfg"].output_dir == folder
     assert seen["overrides"][-2:] == [f"resume={folder}", f"output_dir={folder}"]
+    # Flower's log is appended to the resumed folder's, beside what the first session wrote.
+    assert seen["output"] == {"flower_log": tmp_path / "run" / "flower.log", "verbose": False}

@@ -2,13 +2,16 @@
 
 ``fedprompt simulate`` uses the very ServerApp and ClientApp that ``flwr run simulations/<app>``
 uses; this module only supplies what a person would otherwise type: a SuperLink on a free port,
-the app folder, the run-config and the number of SuperNodes.
+the app folder, the run-config and the number of SuperNodes. The SuperLink and everything it
+starts end with the process that started them, however it ends (see ``process_guard``).
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
+import select
 import shutil
 import signal
 import socket
@@ -23,6 +26,7 @@ import tomli_w
 from omegaconf import DictConfig
 
 from fedprompt.federation.run_config import default_run_config, overrides_to_run_config
+from fedprompt.terminal import FlowerOutput
 
 APP_PYPROJECT = """[build-system]
 requires = ["hatchling"]
@@ -31,6 +35,7 @@ build-backend = "hatchling.build"
 [project]
 name = "fedprompt-simulate"
 version = "0.1.0"
+description = "fedprompt simulate: one experiment on a private local SuperLink"
 license = "MIT"
 dependencies = []
 
@@ -51,6 +56,10 @@ QUIET_FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
+
+# Ray warns at every ray.init that a future version will stop hiding GPUs from actors that ask
+# for none; its suggested switch would change today's behaviour, so the notice alone is dropped.
+RAY_NOTICE_FILTER = "ignore::FutureWarning:ray._private.worker"
 
 # Ray on Linux takes the machine's network address as its node IP, and then its GCS, raylet,
 # object manager, runtime-env agent and every worker listen on all interfaces (the dashboard
@@ -154,8 +163,9 @@ def private_superlink(workdir: Path) -> Iterator[dict[str, str]]:
     """A SuperLink in simulation mode on a free port, and the environment that targets it.
 
     ``flwr run <app> fedprompt`` run with the yielded environment reaches this SuperLink; it and
-    every process it started are stopped on exit. It and everything it starts (the SuperExec,
-    flwr-simulation, Ray's daemons and actors) listen on the loopback interface only.
+    every process it started are stopped on exit, and killed at once should this process die
+    first (``process_guard``). It and everything it starts (the SuperExec, flwr-simulation,
+    Ray's daemons and actors) listen on the loopback interface only.
     """
     port = _free_port()
     home = workdir / "flwr-home"
@@ -167,16 +177,22 @@ def private_superlink(workdir: Path) -> Iterator[dict[str, str]]:
     )
     bin_dir = str(Path(sys.executable).parent)
     path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    warnings = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), RAY_NOTICE_FILTER]))
     env = {
         **os.environ,
         **QUIET_FLOWER_ENV,
         **LOOPBACK_RAY_ENV,
         "FLWR_HOME": str(home),
         "PATH": path,
+        "PYTHONWARNINGS": warnings,
     }
     with (workdir / "superlink.log").open("w") as log_file:
+        # The guard's stdin is the lifeline: only this process holds the pipe's write end.
         superlink = subprocess.Popen(
             [
+                sys.executable,
+                "-m",
+                "fedprompt.federation.process_guard",
                 _tool("flower-superlink"),
                 "--insecure",
                 "--simulation",
@@ -189,6 +205,7 @@ def private_superlink(workdir: Path) -> Iterator[dict[str, str]]:
                 ":flwr-in-memory:",
             ],
             env=env,
+            stdin=subprocess.PIPE,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -198,6 +215,8 @@ def private_superlink(workdir: Path) -> Iterator[dict[str, str]]:
             yield env
         finally:
             _stop(superlink)
+            if superlink.stdin:
+                superlink.stdin.close()
 
 
 def flwr_run_command(app_dir: Path, run_config: Path, cfg: DictConfig) -> list[str]:
@@ -248,8 +267,56 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def simulate(experiment: str, overrides: Sequence[str], cfg: DictConfig) -> int:
-    """Run the experiment on a private local SuperLink; returns ``flwr run``'s exit code."""
+def _stream(command: list[str], env: dict[str, str], output: FlowerOutput) -> int:
+    """Run ``command``, handing everything it prints to ``output`` as it comes."""
+    # Unbuffered, or flwr run would hold its lines back in a pipe until a block fills.
+    process = subprocess.Popen(
+        command,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        with process.stdout:
+            while True:
+                ready, _, _ = select.select([process.stdout], [], [], 1.0)
+                if ready:
+                    chunk = os.read(process.stdout.fileno(), 65536)
+                    if not chunk:
+                        break
+                    output.feed(decoder.decode(chunk))
+                output.tick()
+        output.feed(decoder.decode(b"", final=True))
+        return process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        output.close()
+
+
+def simulate(
+    experiment: str,
+    overrides: Sequence[str],
+    cfg: DictConfig,
+    *,
+    flower_log: Path | None = None,
+    verbose: bool = False,
+) -> int:
+    """Run the experiment on a private local SuperLink; returns ``flwr run``'s exit code.
+
+    Args:
+        experiment: The experiment file the overrides apply to.
+        overrides: Hydra overrides, turned into Flower's run-config.
+        cfg: The composed config (the number of sites and their resources).
+        flower_log: Where Flower's whole output goes (appended); the terminal then shows only
+            fedprompt's lines (``FlowerOutput``). None leaves Flower's output on this process's
+            stdout, where a grid of runs redirects it.
+        verbose: With ``flower_log``, also show all of Flower's output on the terminal.
+    """
     with tempfile.TemporaryDirectory(prefix="fedprompt-sim-") as tmp:
         workdir = Path(tmp)
         app_dir = write_app(workdir / "app", experiment)
@@ -259,7 +326,18 @@ def simulate(experiment: str, overrides: Sequence[str], cfg: DictConfig) -> int:
         try:
             with _terminate_as_interrupt(), private_superlink(workdir) as env:
                 command = flwr_run_command(app_dir, run_config, cfg)
-                return subprocess.run(command, env=env, check=False).returncode
+                if flower_log is None:
+                    return subprocess.run(command, env=env, check=False).returncode
+                flower_log.parent.mkdir(parents=True, exist_ok=True)
+                print(
+                    f"fedprompt: {experiment} on Flower's simulation engine, "
+                    f"{cfg.federation.num_sites} sites, {cfg.federation.rounds} rounds; "
+                    f"Flower's log: {flower_log}",
+                    flush=True,
+                )
+                with flower_log.open("a", encoding="utf-8") as log:
+                    output = FlowerOutput(log, sys.stdout, verbose=verbose)
+                    return _stream(command, env, output)
         except KeyboardInterrupt:
             print(
                 "fedprompt: interrupted; the local SuperLink and its simulation are stopped. "
