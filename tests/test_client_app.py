@@ -169,8 +169,8 @@ def test_sites_with_bad_data_drop_out_and_the_federation_continues(tmp_path):
         stray_label.parent / "images/train/astrocytoma",
     )
     empty_split = write_site(tmp_path, "hospital-z", seed=4)
-    for image in (empty_split.parent / "images/test").rglob("*.png"):
-        image.unlink()
+    for image in (empty_split.parent / "images/train").rglob("*.png"):
+        image.unlink()  # an empty test split trains (test_run_monitor); an empty train split not
     configs = [*good, corrupt, stray_label, empty_split]
     overrides = [
         "federation.mode=deployment",

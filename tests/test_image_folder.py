@@ -36,6 +36,21 @@ def test_pre_split_layout_with_optional_val(tmp_path):
     assert len(load_dataset(_cfg(tmp_path)).val) == 1
 
 
+def test_an_empty_test_folder_is_an_empty_test_split(tmp_path):
+    _fill(tmp_path / "train", {"normal": 3, "abnormal": 2})
+    _fill(tmp_path / "test", {"normal": 0, "abnormal": 0})
+    splits = load_dataset(_cfg(tmp_path))
+    assert len(splits.train) == 5 and len(splits.test) == 0
+    assert splits.test.class_counts().tolist() == [0, 0]
+    (tmp_path / "test" / "normal").rmdir()
+    (tmp_path / "test" / "abnormal").rmdir()
+    assert len(load_dataset(_cfg(tmp_path)).test) == 0
+    for image in (tmp_path / "train").rglob("*.png"):
+        image.unlink()
+    with pytest.raises(DatasetNotFoundError, match="No images"):
+        load_dataset(_cfg(tmp_path))  # an empty train/ is still an error
+
+
 def test_single_folder_is_split_per_class_with_the_seed(tmp_path):
     _fill(tmp_path, {"b": 10, "a": 5}, ext=".jpg")
     Image.new("RGB", (4, 4)).save(tmp_path / "a" / "extra.TIFF")

@@ -188,6 +188,17 @@ def test_class_without_test_images_warns():
     assert sum(len(t) for t in plan.test) == 4
 
 
+def test_a_site_without_test_images_is_named_in_a_warning():
+    with pytest.warns(UserWarning) as caught:
+        plan = assign_sites(np.arange(8) % 2, [0, 1], 4, "iid", seed=0)
+    empty = [name for name, test in zip(plan.site_names, plan.test, strict=True) if not len(test)]
+    assert len(empty) == 2 and len(caught) == 2
+    for name, warning in zip(empty, caught, strict=True):
+        text = str(warning.message)
+        assert text.startswith(f"Site {name} gets no test images")
+        assert "fewer sites" in text and "larger test split" in text
+
+
 @pytest.mark.skipif(not SPLITS.is_dir(), reason="../shared/data/biomedcoop-splits is absent")
 def test_assign_sites_on_the_real_btmri_split():
     raw = json.loads((SPLITS / "split_BTMRI.json").read_text())

@@ -5,6 +5,7 @@ connected and nodes whose registered name is ambiguous."""
 import json
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, MessageType
 from sites_on_disk import write_site
 
@@ -15,7 +16,7 @@ from fedprompt.federation.orchestration import run_federation
 from fedprompt.federation.run_config import default_run_config
 
 
-def _deployed(tmp_path, names, *extra, registered=None):
+def _deployed(tmp_path, names, *extra, registered=None, without_test=()):
     overrides = [
         "federation.mode=deployment",
         f"federation.num_sites={len(names)}",
@@ -24,7 +25,10 @@ def _deployed(tmp_path, names, *extra, registered=None):
         f"output_dir={tmp_path / 'run'}",
         *extra,
     ]
-    configs = [write_site(tmp_path / f"site-{i}", name, seed=i) for i, name in enumerate(names)]
+    configs = [
+        write_site(tmp_path / f"site-{i}", name, seed=i, test=0 if name in without_test else 2)
+        for i, name in enumerate(names)
+    ]
     grid = InProcessGrid(
         [{"site-config": str(config)} for config in configs],
         default_run_config("quickstart") | {"overrides": " ".join(overrides)},
@@ -93,3 +97,20 @@ def test_the_record_lists_exactly_the_replies_that_were_aggregated(tmp_path):
     for line in lines:
         assert line["aggregated"] == sent
         assert list(line["rejected"]) == ["site-1"]
+
+
+def test_a_site_without_test_images_trains_and_is_recorded_as_having_none(tmp_path):
+    names = ["hospital-a", "hospital-b", "hospital-c"]
+    _, lines = _deployed(tmp_path, names, without_test=["hospital-b"])
+    for line in lines:
+        assert line["aggregated"] == {name: 12 for name in names}
+        assert line["rejected"] == {} and line["missing"] == {}
+        assert line["no_test_images"] == ["hospital-b"]
+        untested = line["sites"]["hospital-b"]
+        assert untested["num_test"] == 0 and untested["accuracy"] is None
+        assert untested["num_train"] == 12 and untested["errors"] == []
+        tested = [line["sites"][name] for name in ("hospital-a", "hospital-c")]
+        weighted = sum(s["accuracy"] * s["num_test"] for s in tested) / sum(
+            s["num_test"] for s in tested
+        )
+        assert line["federated_accuracy"] == pytest.approx(weighted)

@@ -3,8 +3,10 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from sites_on_disk import CLASSNAMES, corrupt_one_image, write_site
 
 from fedprompt.data.site_check import (
@@ -70,13 +72,32 @@ def test_a_label_outside_the_class_list_is_refused(tmp_path):
     assert "astrocytoma" in report.problems[0] and "classnames" in report.problems[0]
 
 
-def test_an_empty_split_is_refused(tmp_path):
+def test_an_empty_training_split_is_refused(tmp_path):
     config = write_site(tmp_path, "hospital-a")
-    for image in (config.parent / "images/test").rglob("*.png"):
+    for image in (config.parent / "images/train").rglob("*.png"):
         image.unlink()
     report = check_site(load_site_config(config), CLASSNAMES)
     assert not report.ok
-    assert "No images" in report.problems[0] and "test" in report.problems[0]
+    assert "No images" in report.problems[0] and "train" in report.problems[0]
+
+
+def test_a_site_without_test_images_can_join_with_a_warning(tmp_path):
+    report = check_site(load_site_config(write_site(tmp_path, "hospital-a", test=0)), CLASSNAMES)
+    assert report.ok, report.problems
+    assert report.counts == {"train": [3, 3, 3, 3], "test": [0, 0, 0, 0]}
+    assert len(report.warnings) == 1 and "no test images" in report.warnings[0]
+
+
+def test_the_report_names_the_image_modes_it_found(tmp_path):
+    config = write_site(tmp_path, "hospital-a")
+    scans = sorted((config.parent / "images").rglob("*.png"))[:5]
+    for i, scan in enumerate(scans):
+        Image.fromarray(np.full((32, 32), 1000 + 100 * i, np.uint16)).save(scan)
+    report = check_site(load_site_config(config), CLASSNAMES)
+    assert report.ok, report.problems
+    sixteen = "I;16 (16-bit greyscale, rescaled from each image's range)"
+    assert report.modes == {sixteen: 5, "RGB (8-bit colour)": 15}
+    assert f"image modes: RGB (8-bit colour) x 15, {sixteen} x 5" in format_report(report)
 
 
 def test_class_names_must_equal_the_federations(tmp_path):

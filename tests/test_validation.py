@@ -179,6 +179,27 @@ def test_bad_evaluation_replies_are_rejected():
     assert all(r[1] == MessageType.EVALUATE for r in rejections)
 
 
+def test_an_evaluation_without_test_images_is_neither_rejected_nor_averaged(caplog):
+    rejections = []
+    untested = Message(
+        RecordDict({"metrics": MetricRecord({"num-examples": 0})}),
+        reply_to=instruction(4, MessageType.EVALUATE),
+    )
+    validator = _validator(rejections)
+    with caplog.at_level(logging.INFO):
+        metrics = validator.aggregate_evaluate(
+            1, [evaluate_reply(2, 0.5, 10), untested, evaluate_reply(3, 1.0, 30)]
+        )
+    assert rejections == []
+    assert metrics["accuracy"] == pytest.approx((0.5 * 10 + 1.0 * 30) / 40)
+    assert "hospital-4 holds no test images" in caplog.text
+    # Alone it leaves nothing to average, rather than dividing by a total weight of 0.
+    assert validator.aggregate_evaluate(2, [untested]) is None and rejections == []
+    # A training reply without images is still refused.
+    validator.aggregate_train(3, [train_reply(5, num_examples=0)])
+    assert [r[0] for r in rejections] == [5]
+
+
 def test_a_site_that_sends_garbage_is_rejected_every_round_and_the_run_completes(tmp_path):
     def garbage(message, context):
         reply = app(message, context)

@@ -70,8 +70,14 @@ def _match_classes(
 
 
 def _read_split_dir(
-    folder: Path, root: Path, name: str, classnames: list[str], mapping: dict[str, int]
+    folder: Path,
+    root: Path,
+    name: str,
+    classnames: list[str],
+    mapping: dict[str, int],
+    may_be_empty: bool = False,
 ) -> ImageSet:
+    """The images under ``folder/<class>/``; none is an error unless ``may_be_empty``."""
     items: list[Path] = []
     labels: list[int] = []
     for class_dir in _class_dirs(folder):
@@ -83,7 +89,7 @@ def _read_split_dir(
         found = _images_in(class_dir)
         items += found
         labels += [mapping[class_dir.name]] * len(found)
-    if not items:
+    if not items and not may_be_empty:
         raise DatasetNotFoundError(
             f"No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) were found under "
             f"{folder}/<class>/; put the images in one folder per class."
@@ -115,10 +121,10 @@ def _stratified_split(
 def load_image_folder(cfg: Mapping[str, Any]) -> DatasetSplits:
     """Read a ``format: image_folder`` config.
 
-    Two layouts: ``<root>/train/<class>/*`` + ``<root>/test/<class>/*`` (+ optional ``val/``),
-    or ``<root>/<class>/*`` split per class with the seeded ``test_fraction`` (and
-    ``val_fraction``, default 0). Class names are the sorted folder names unless the config
-    lists ``classnames`` (label order).
+    Two layouts: ``<root>/train/<class>/*`` + ``<root>/test/<class>/*`` (+ optional ``val/``;
+    an empty ``test/`` gives an empty test split), or ``<root>/<class>/*`` split per class with
+    the seeded ``test_fraction`` (and ``val_fraction``, default 0). Class names are the sorted
+    folder names unless the config lists ``classnames`` (label order).
 
     Raises:
         DatasetNotFoundError: If the root or its class folders are missing.
@@ -136,8 +142,12 @@ def load_image_folder(cfg: Mapping[str, Any]) -> DatasetSplits:
     if (root / "train").is_dir() and (root / "test").is_dir():
         folders = [p.name for p in _class_dirs(root / "train")]
         classnames, mapping = _match_classes(folders, expected, root / "train")
+        # An empty test/ is a site that trains without being evaluated (few images, or all
+        # of them needed for training); an empty train/ or val/ is a mistake.
         parts = {
-            split: _read_split_dir(root / split, root, name, classnames, mapping)
+            split: _read_split_dir(
+                root / split, root, name, classnames, mapping, may_be_empty=split == "test"
+            )
             for split in ("train", "val", "test")
             if (root / split).is_dir()
         }

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from fedprompt.data.image_decoding import describe_mode, to_rgb
 
 # Pixels per in-memory image that its content fingerprint samples (a strided sample, not all).
 _FINGERPRINT_SAMPLES = 64
@@ -107,16 +110,35 @@ class ImageSet(torch.utils.data.Dataset):
             image = self.transform(image)
         return image, int(self.labels[i])
 
+    def stored_mode(self, i: int) -> str:
+        """How image ``i`` is stored and what decoding does to it (``describe_mode``).
+
+        Reads the file's header only, so a site check can report its images' modes cheaply.
+
+        Raises:
+            CorruptImageError: If the file cannot be decoded.
+            DatasetNotFoundError: If the file listed for this item does not exist.
+        """
+        with self._opened(int(self._index[i])) as image:
+            return describe_mode(image)
+
     def _load(self, source: int) -> Image.Image:
+        with self._opened(source) as image:
+            return to_rgb(image)
+
+    @contextmanager
+    def _opened(self, source: int) -> Iterator[Image.Image]:
+        """The stored image; a decoding error inside the block becomes a one-sentence error."""
         if isinstance(self._items, np.ndarray):
             array = self._items[source]
             if array.ndim == 3 and array.shape[-1] == 1:
                 array = array[..., 0]
-            return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
+            yield Image.fromarray(np.ascontiguousarray(array))
+            return
         path = self._items[source]
         try:
             with Image.open(path) as image:
-                return image.convert("RGB")
+                yield image
         except FileNotFoundError as err:
             raise DatasetNotFoundError(
                 f"Image file {path} is listed in the dataset but does not exist; restore it or "

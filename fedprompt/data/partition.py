@@ -283,7 +283,9 @@ def assign_sites(
 
     Each site's test images come from the test split in the same class proportions as its
     train shard, so a site is evaluated on its own label distribution; test sets are
-    disjoint and everything is deterministic for ``seed``.
+    disjoint and everything is deterministic for ``seed``. A site the partition leaves without
+    test images still trains; a warning names it, since its evaluation will say "no test
+    images" (an empty test split already warns through its classes).
 
     Raises:
         DataError: As :func:`partition_labels`.
@@ -293,11 +295,16 @@ def assign_sites(
     parts = partition_labels(train, num_sites, scheme, seed, **kwargs)
     rng = np.random.default_rng([int(seed), 1])
     tests = _site_test_split(parts, train, test, rng)
-    return SitePartition(
-        site_names=[f"site-{i}" for i in range(num_sites)],
-        train=parts,
-        test=tests,
-    )
+    names = [f"site-{i}" for i in range(num_sites)]
+    for name, part in zip(names, tests, strict=True):
+        if not len(part) and len(test):
+            warnings.warn(
+                f"Site {name} gets no test images ({len(test)} test images for {num_sites} "
+                f"sites under the {scheme} partition), so it will train but not be evaluated; "
+                "use fewer sites, another partition or a larger test split.",
+                stacklevel=2,
+            )
+    return SitePartition(site_names=names, train=parts, test=tests)
 
 
 def _histogram(labels: np.ndarray, classnames: Sequence[str]) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,11 +181,17 @@ def check_federation_classnames(site: SiteConfig, federation: Sequence[str]) -> 
 
 @dataclass
 class SiteReport:
-    """What ``fedprompt site check`` found: counts per split and class, and every problem."""
+    """What ``fedprompt site check`` found: counts per split and class, and every problem.
+
+    ``modes`` counts the readable images by how they are stored (``describe_mode``: mode, bit
+    depth, what decoding does to them), so staff can see that 16-bit scans were rescaled rather
+    than clipped.
+    """
 
     site: str
     classnames: list[str]
     counts: dict[str, list[int]] = field(default_factory=dict)
+    modes: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -194,12 +201,15 @@ class SiteReport:
         return not self.problems
 
 
-def _unreadable(images: ImageSet, on_image: Callable[[], None] | None) -> list[str]:
-    """The decoding error of every image in the set that cannot be read."""
+def _decode_all(
+    images: ImageSet, modes: Counter[str], on_image: Callable[[], None] | None
+) -> list[str]:
+    """Decode every image, counting the modes they are stored in; return each decoding error."""
     errors = []
     for i in range(len(images)):
         try:
             images[i]
+            modes[images.stored_mode(i)] += 1
         except (CorruptImageError, DatasetNotFoundError) as err:
             errors.append(str(err))
         if on_image is not None:
@@ -214,7 +224,8 @@ def check_site(
 ) -> SiteReport:
     """Validate a site's images before it joins: readable, labelled within the class list, split.
 
-    Every image is decoded once. ``on_image`` is called after each (a progress bar).
+    Every image is decoded once. ``on_image`` is called after each (a progress bar). An empty
+    test split is a warning, not a problem: such a site trains but cannot be evaluated.
     """
     report = SiteReport(site=site.name, classnames=list(site.classnames))
     if federation_classnames is not None:
@@ -234,7 +245,13 @@ def check_site(
         if images is None:
             continue
         report.counts[split] = [int(n) for n in images.class_counts()]
-        if len(images) == 0:
+        if len(images) == 0 and split == "test":
+            report.warnings.append(
+                f"The test split of {site.data_path} holds no images: this site will train but "
+                "its evaluation will be recorded as 'no test images'; add test images to "
+                "measure the model here."
+            )
+        elif len(images) == 0:
             report.problems.append(
                 f"The {split} split of {site.data_path} holds no images; add images or fix "
                 "data.path."
@@ -242,7 +259,7 @@ def check_site(
         absent = [c for c, n in zip(site.classnames, report.counts[split], strict=True) if not n]
         if absent and len(images):
             report.warnings.append(f"The {split} split has no images of {absent}.")
-        unreadable = _unreadable(images, on_image)
+        unreadable = _decode_all(images, report.modes, on_image)
         report.problems += unreadable
     return report
 
@@ -259,6 +276,9 @@ def format_report(report: SiteReport) -> str:
             lines.append("  " + name.ljust(width) + counts)
         totals = "".join(f"{sum(report.counts[s]):>8}" for s in splits)
         lines.append("  " + "total".ljust(width) + totals)
+    if report.modes:
+        found = ", ".join(f"{mode} x {n}" for mode, n in report.modes.most_common())
+        lines.append(f"  image modes: {found}")
     lines += [f"  warning: {w}" for w in report.warnings]
     if report.ok:
         lines.append("OK: every image is readable and labelled; this site can join.")

@@ -144,7 +144,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the received global prompt on this site's own test images."""
+    """Score the received global prompt on this site's own test images.
+
+    A site without test images answers ``num-examples`` 0 and no scores (an accuracy of 0 would
+    be a made-up number); the server records it as having no test images.
+    """
     try:
         site = _open(context)
         result = evaluate_site(site, msg.content["arrays"].to_torch_state_dict())
@@ -154,10 +158,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         "num-examples": result.metrics.num_test,
         **_identity(site),
         **_site_weight(site),
-        "accuracy": result.metrics.accuracy,
-        "balanced-accuracy": result.metrics.balanced_accuracy,
-        "macro-f1": result.metrics.macro_f1,
     }
+    if result.metrics.num_test:
+        values["accuracy"] = result.metrics.accuracy
+        values["balanced-accuracy"] = result.metrics.balanced_accuracy
+        values["macro-f1"] = result.metrics.macro_f1
     if result.mia_auc is not None:
         values["mia-auc"] = result.mia_auc
     return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)

@@ -3,7 +3,8 @@
 A site's reply is rejected, with a logged reason naming the site, when its tensors have other
 keys, shapes or dtypes than the global prompt, hold NaN or Inf, or moved the prompt much farther
 than the other sites' did; likewise a reply whose metrics are malformed. The round goes on with
-the replies that pass. Replies are handed to the wrapped strategy in site order, so the aggregate
+the replies that pass. An evaluation from a site without test images is kept out of the average
+without being rejected. Replies are handed to the wrapped strategy in site order, so the aggregate
 does not depend on the order replies arrived in (floating-point sums are order-sensitive) and a
 resumed run repeats an uninterrupted one exactly.
 """
@@ -39,8 +40,11 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def metrics_problem(reply: Message, weighted_by_key: str) -> str | None:
-    """Why a reply's metrics cannot be aggregated, or None when they can."""
+def metrics_problem(reply: Message, weighted_by_key: str, allow_zero: bool = False) -> str | None:
+    """Why a reply's metrics cannot be aggregated, or None when they can.
+
+    ``allow_zero`` accepts a weight of 0, for a reply that is recorded but never averaged.
+    """
     if len(reply.content.metric_records) != 1:
         return (
             f"it carries {len(reply.content.metric_records)} metric records where a reply "
@@ -48,13 +52,21 @@ def metrics_problem(reply: Message, weighted_by_key: str) -> str | None:
         )
     metrics = next(iter(reply.content.metric_records.values()))
     weight = metrics.get(weighted_by_key)
-    if not _finite_number(weight) or weight <= 0:
-        return f"its {weighted_by_key!r} is {weight!r}, not a positive number"
+    if not _finite_number(weight) or weight < 0 or (weight == 0 and not allow_zero):
+        kind = "a non-negative" if allow_zero else "a positive"
+        return f"its {weighted_by_key!r} is {weight!r}, not {kind} number"
     for key, value in metrics.items():
         values = value if isinstance(value, list) else [value]
         if not all(_finite_number(v) for v in values):
             return f"its metric {key!r} is {value!r}, not a finite number"
     return None
+
+
+def _without_test_images(reply: Message) -> bool:
+    """Whether an evaluation reply says its site holds no test images (``num-examples`` 0)."""
+    records = reply.content.metric_records
+    count = next(iter(records.values())).get("num-examples") if len(records) == 1 else None
+    return _finite_number(count) and count == 0
 
 
 class UpdateValidation(Strategy):
@@ -170,18 +182,31 @@ class UpdateValidation(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Aggregate the evaluation replies whose metrics pass, in site order."""
+        """Aggregate the evaluation replies whose metrics pass, in site order.
+
+        A site without test images (``num-examples`` 0) is neither rejected nor averaged: its
+        weight would be 0 (and the only one, a division by zero), its scores absent.
+        """
         replies = list(replies)
         failed = [reply for reply in replies if reply.has_error()]
         passed = []
         for reply in replies:
             if reply.has_error():
                 continue
-            reason = metrics_problem(reply, self.weighted_by_key)
+            untested = _without_test_images(reply)
+            reason = metrics_problem(reply, self.weighted_by_key, allow_zero=untested)
             if not reason and reply.content.array_records:
                 reason = "an evaluation reply carries tensors; it must carry metrics only"
             if reason:
                 self._reject(server_round, reply, reason)
+            elif untested:
+                log(
+                    INFO,
+                    "[fedprompt] round %d: %s holds no test images; its evaluation is recorded, "
+                    "not averaged",
+                    server_round,
+                    self.site_name(reply.metadata.src_node_id),
+                )
             else:
                 passed.append(reply)
         kept = self._consistent_metrics(server_round, passed)
