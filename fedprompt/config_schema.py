@@ -136,6 +136,57 @@ COMMON: tuple[Rule, ...] = (
     Rule("features.patch_tokens_budget_mb", float, low=0),
 )
 
+WHERE_PRESENT: tuple[Rule, ...] = (
+    # Method settings (each method's yaml holds some of them).
+    Rule("method.n_ctx", int, low=1),
+    Rule("method.ctx_init", str),
+    Rule("method.template", str),
+    Rule("method.class_specific", bool),
+    Rule("method.trim_padding", bool),
+    Rule("method.use_descriptions", bool),
+    Rule("method.descriptions", str, nullable=True),
+    *(
+        Rule(f"method.{name}", float, low=0)
+        for name in (
+            "sccm_weight",
+            "kdsp_weight",
+            "gad_weight",
+            "lgd_weight",
+            "kg_weight",
+            "entropy_weight",
+            "kd_weight",
+            "view_kd_weight",
+            "cosine_weight",
+            "anchor_weight",
+            "contrastive_weight",
+            "sce_alpha",
+            "sce_beta",
+            "strength",
+            "alpha",
+        )
+    ),
+    *(
+        Rule(f"method.{name}", float, low=0, low_open=True)
+        for name in ("tau", "temperature", "tau_start", "tau_end")
+    ),
+    Rule("method.gamma", float, low=0, high=1),
+    *(
+        Rule(f"method.{name}", float, low=0, high=1, low_open=True)
+        for name in ("top_k_ratio", "top_ratio", "ratio")
+    ),
+    *(
+        Rule(f"method.{name}", int, low=1)
+        for name in ("bank_size", "reduction", "anneal_steps", "images_per_pass")
+    ),
+    # Dataset settings (each dataset's yaml holds some of them).
+    Rule("dataset.test_fraction", float, low=0, high=1, high_open=True),
+    Rule("dataset.val_fraction", float, low=0, high=1, high_open=True),
+    Rule("dataset.download", bool),
+    Rule("dataset.synthetic_fallback", bool),
+    Rule("dataset.classnames", list, nullable=True),
+)
+"""Rules for keys only some group files have; a key that is absent is not checked."""
+
 BY_GROUP: dict[tuple[str, str], tuple[Rule, ...]] = {
     ("partition", "dirichlet"): (
         Rule("partition.alpha", float, low=0, low_open=True, hint="smaller is more skewed"),
@@ -243,12 +294,17 @@ def _cross_checks(cfg: DictConfig) -> str | None:
 
 
 def rules_for(cfg: DictConfig) -> tuple[Rule, ...]:
-    """The rules that apply to this config: the common ones and its groups' own."""
+    """The rules that apply: the common ones, its groups' own, and those of keys it holds."""
     chosen = [
         BY_GROUP.get((group, _group(cfg, group)), ())
         for group in ("partition", "privacy", "strategy")
     ]
-    return COMMON + tuple(rule for rules in chosen for rule in rules)
+    present = tuple(
+        rule
+        for rule in WHERE_PRESENT
+        if OmegaConf.select(cfg, rule.key, default=KeyError) is not KeyError
+    )
+    return COMMON + tuple(rule for rules in chosen for rule in rules) + present
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -9,6 +9,7 @@ from fedprompt.config import compose_config
 from fedprompt.federation.inprocess_grid import InProcessGrid
 from fedprompt.federation.orchestration import run_federation
 from fedprompt.federation.run_config import default_run_config
+from fedprompt.federation.run_monitor import RunFailed
 from fedprompt.privacy.ledger import SiteLedger
 from fedprompt.site_rounds import open_site
 
@@ -81,22 +82,26 @@ def test_a_site_whose_budget_is_spent_stops_and_is_left_out(tmp_path):
     budget = (max(one) + min(two)) / 2
     extra = [f"privacy.epsilon={budget}", f"privacy.noise_multiplier={noise}"]
 
-    summary, _ = _run(tmp_path / "three", rounds=3, extra=extra)
+    # Round 2 finds every budget spent: nothing trains, so the run ends there as failed.
+    with pytest.raises(RunFailed, match="Round 2 aggregated no site's update"):
+        _run(tmp_path / "three", rounds=3, extra=extra)
     lines = _lines(tmp_path / "three")
+    assert [line["round"] for line in lines] == [1, 2]
     assert lines[0]["withheld"] == {} and lines[0]["num_trained"] == 3
-    for line in lines[1:]:
-        assert sorted(line["withheld"]) == ["site-0", "site-1", "site-2"]
-        assert all("privacy budget spent" in reason for reason in line["withheld"].values())
-        assert line["num_trained"] == 0
-    for name, entry in summary["privacy"].items():
-        assert entry["epsilon"] <= budget
-        assert entry["steps"] == lines[0]["sites"][name]["dp_steps"]
-    # The prompt after round 3 is the prompt after round 1: no exhausted reply was averaged in.
+    assert sorted(lines[1]["withheld"]) == ["site-0", "site-1", "site-2"]
+    assert all("privacy budget spent" in reason for reason in lines[1]["withheld"].values())
+    assert lines[1]["num_trained"] == 0
+    summary = json.loads((tmp_path / "three" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "privacy budget spent" in summary["reason"]
+    for name, site in lines[1]["sites"].items():
+        assert site["dp_epsilon"] <= budget
+        assert site["dp_steps"] == lines[0]["sites"][name]["dp_steps"]
+    # The prompt after round 2 is the prompt after round 1: no exhausted reply was averaged in.
     _run(tmp_path / "one", rounds=1, extra=extra)
     after_one = torch.load(tmp_path / "one" / "global_state.pt", weights_only=True)
-    after_three = torch.load(tmp_path / "three" / "global_state.pt", weights_only=True)
+    after_two = torch.load(tmp_path / "three" / "global_state.pt", weights_only=True)
     for key in after_one:
-        assert torch.equal(after_one[key], after_three[key])
+        assert torch.equal(after_one[key], after_two[key])
 
 
 def test_membership_inference_auc_is_reported_per_site_and_in_the_summary(tmp_path):

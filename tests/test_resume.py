@@ -53,7 +53,9 @@ def test_a_stopped_and_resumed_run_is_the_uninterrupted_run(tmp_path):
     with pytest.raises(ServerStopped):
         _run(stopped, rounds=4, stop_at=3)
     assert load_checkpoint(stopped).round == 2
-    assert not (stopped / "summary.json").exists()
+    stopped_summary = json.loads((stopped / "summary.json").read_text())
+    assert stopped_summary["status"] == "failed" and stopped_summary["final"] is None
+    assert stopped_summary["rounds_completed"] == 2
     checkpoint = torch.load(stopped / CHECKPOINT_NAME, weights_only=True)
     assert set(checkpoint["strategy_state"]) == {"m_t", "v_t"}  # FedAdam's moments
 

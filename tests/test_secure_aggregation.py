@@ -20,6 +20,7 @@ from fedprompt.config_schema import check_config
 from fedprompt.federation.inprocess_grid import InProcessGrid
 from fedprompt.federation.orchestration import run_federation, secagg_settings
 from fedprompt.federation.run_config import default_run_config
+from fedprompt.federation.run_monitor import RunFailed
 
 SITES = 3
 
@@ -166,13 +167,14 @@ def test_max_weight_defaults_to_the_largest_site_in_simulation():
 
 
 def test_sites_refuse_prompts_outside_the_clipping_range_and_nothing_is_aggregated(tmp_path):
-    _, _, lines, _, _ = _run(
-        tmp_path,
-        "clipped",
-        "federation.secure_aggregation=true",
-        "federation.secagg.clipping_range=0.001",
-    )
-    (line,) = lines
+    with pytest.raises(RunFailed, match="Round 1 aggregated no site's update"):
+        _run(
+            tmp_path,
+            "clipped",
+            "federation.secure_aggregation=true",
+            "federation.secagg.clipping_range=0.001",
+        )
+    (line,) = [json.loads(x) for x in (tmp_path / "clipped/metrics.jsonl").read_text().splitlines()]
     assert line["aggregated"] == {} and line["num_trained"] == 0
     assert sorted(line["missing"]) == ["site-0", "site-1", "site-2"]
     assert all("clipping range" in reason for reason in line["missing"].values())

@@ -447,7 +447,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     except Exception as err:
         reason = str(err) if isinstance(err, RunFailed) else f"{type(err).__name__}: {err}"
         _write_failure(results, identity, monitor.lines, reason, time.perf_counter() - started)
-        raise RunFailed(reason) from err
+        raise
 
     payload = sum(t.numel() * t.element_size() for t in initial_state.values())
     lines = monitor.lines

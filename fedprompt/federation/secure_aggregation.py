@@ -347,12 +347,12 @@ def _as_fitres(
     if not math.isfinite(largest) or largest > clipping_range:
         raise ValueError(
             f"a prompt value of magnitude {largest:.4g} lies outside SecAgg+'s clipping range "
-            f"(federation.secagg_clipping_range={clipping_range:g}); raise it."
+            f"(federation.secagg.clipping_range={clipping_range:g}); raise it."
         )
     count = int(metrics["num-examples"])
     if count > max_weight:
         raise ValueError(
-            f"the site's {count} training examples exceed federation.secagg_max_weight="
+            f"the site's {count} training examples exceed federation.secagg.max_weight="
             f"{max_weight:g}; raise it to at least the largest site's example count."
         )
     weight = 0 if metrics.get(BUDGET_EXHAUSTED_KEY, 0) == 1 else count
