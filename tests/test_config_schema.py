@@ -42,6 +42,11 @@ def test_the_shipped_experiments_pass(experiment):
         (["privacy=site_level", "privacy.side=middle"], r"privacy.side=middle"),
         (["strategy=trimmed_mean", "strategy.beta=0.5"], r"strategy.beta=0.5 .* < 0.5"),
         (["strategy=fedprox", "strategy.proximal_mu=-0.1"], r"strategy.proximal_mu=-0.1"),
+        (["method.n_ctx=0"], r"method.n_ctx=0 .* integer >= 1"),
+        (["method=biomedcoop", "method.tau=0"], r"method.tau=0 .* > 0"),
+        (["method=ogkd", "method.gamma=1.5"], r"method.gamma=1.5 .* <= 1"),
+        (["method=kgcoop", "method.kg_weight=-1"], r"method.kg_weight=-1 .* >= 0"),
+        (["dataset=image_folder", "dataset.test_fraction=1"], r"dataset.test_fraction=1 .* < 1"),
     ],
 )
 def test_an_out_of_range_value_is_one_sentence_naming_key_value_and_range(overrides, message):
