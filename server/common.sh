@@ -1,6 +1,12 @@
 # Shared by the server/ scripts (sourced, not run): tool checks, a quiet offline Flower, and the
 # named SuperLink connection that `flwr` commands use.
 
+# The Control API listens only on the centre's loopback (server/start-superlink.sh), so operators
+# work on that machine or through `ssh -L 9091:127.0.0.1:9091 <centre>`.
+FP_CONTROL_DEFAULT="127.0.0.1:9091"
+# Not a folder name such as fedprompt/: flwr takes a folder holding a pyproject.toml for an app.
+FP_CONNECTION_DEFAULT="fedprompt-centre"
+
 # Flower's commands from the environment fedprompt is installed in, first on PATH: the SuperLink
 # starts its helper processes (flower-superexec) by looking them up there.
 fp_setup_flower() {
@@ -43,4 +49,9 @@ path.parent.mkdir(parents=True, exist_ok=True)
 path.write_text(tomli_w.dumps(data))
 print(f"connection {name}: {address} (CA {ca}) in {path}")
 PY
+}
+
+# The sites registered under names (server/site_registry.py): list, free NAME, unregister NAME.
+fp_site_registry() {
+    "$FP_PYTHON" "$(dirname "${BASH_SOURCE[0]}")/site_registry.py" "$@"
 }

@@ -14,6 +14,8 @@ Creates, in DIR:
 
 Each --host is a DNS name (fl.hospital-network.org) or an IP address (10.0.0.5) that sites
 will use to reach the SuperLink; a site connecting under any other name is refused by TLS.
+The certificate also names localhost and 127.0.0.1, where nginx and the operators' commands
+reach the SuperLink on its own machine.
 Run it again with other --host values to renew the server certificate: an existing CA in DIR
 is kept, so sites need nothing new.
 
@@ -47,13 +49,15 @@ fi
 
 mkdir -p "$out"
 umask 077
+# localhost and 127.0.0.1 too: nginx reaches the SuperLink there, and so do operators' commands.
 san=""
-for host in "${hosts[@]}"; do
+for host in "${hosts[@]}" localhost 127.0.0.1; do
     if [[ "$host" =~ ^[0-9.]+$ || "$host" == *:* ]]; then
-        san+="${san:+,}IP:$host"
+        entry="IP:$host"
     else
-        san+="${san:+,}DNS:$host"
+        entry="DNS:$host"
     fi
+    [[ ",$san," == *",$entry,"* ]] || san+="${san:+,}$entry"
 done
 
 if [[ -f "$out/ca.key" && -f "$out/ca.pem" ]]; then

@@ -4,14 +4,18 @@ set -euo pipefail
 
 usage() {
     cat <<'TXT'
-Usage: server/start-run.sh --superlink HOST:PORT --ca ca.pem --output DIR --sites N
+Usage: server/start-run.sh --ca ca.pem --output DIR --sites N [--control HOST:PORT]
                            [--experiment NAME] [--rounds N] [--min-sites N] [--resume]
-                           [--connection NAME] [-- HYDRA_OVERRIDES...]
+                           [--connection NAME] [--app DIR] [-- HYDRA_OVERRIDES...]
 
 Submits fedprompt's ServerApp and ClientApp (server/app) to the SuperLink in deployment mode:
 each site trains on its own images and only prompt tensors and scalar metrics come back. The
 results folder is written on the machine the SuperLink runs on. The command streams the run's
 log and returns when the run ends.
+
+Sites run only an app the centre signed: an unsigned server/app, or one changed since it was
+signed, is refused here before it is sent (sign it with server/sign-app.sh). Run it on the
+SuperLink's machine: the Control API listens on its loopback only.
 
 Options:
   --output DIR        results folder on the SuperLink's machine (absolute path)
@@ -21,19 +25,23 @@ Options:
   --experiment NAME   the experiment whose model and settings to use (default quickstart)
   --rounds N          rounds (federation.rounds; raise it with --resume to run more)
   --resume            continue the run in --output from its last completed round
-  --superlink H:P     the SuperLink's address; --ca: the federation's ca.pem
-  --connection NAME   the flwr connection to write and use (default fedprompt)
+  --ca FILE           the federation's ca.pem
+  --control H:P       the SuperLink's Control API (default 127.0.0.1:9091)
+  --connection NAME   the flwr connection to write and use (default fedprompt-centre)
+  --app DIR           the signed app folder to submit (default: server/app)
   -- OVERRIDES        any further fedprompt keys, e.g. -- strategy=fedmedian train.shots=16
   -h, --help          this text
 TXT
 }
 
-superlink="" ca="" output="" sites="" min_sites=1 experiment="quickstart" rounds=""
-connection="fedprompt" resume=0
+# shellcheck source=server/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+control="$FP_CONTROL_DEFAULT" ca="" output="" sites="" min_sites=1 experiment="quickstart"
+rounds="" connection="$FP_CONNECTION_DEFAULT" resume=0 app="$(dirname "${BASH_SOURCE[0]}")/app"
 extra=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --superlink) superlink="$2"; shift 2 ;;
+        --control) control="$2"; shift 2 ;;
         --ca) ca="$2"; shift 2 ;;
         --output) output="$2"; shift 2 ;;
         --sites) sites="$2"; shift 2 ;;
@@ -42,13 +50,14 @@ while [[ $# -gt 0 ]]; do
         --rounds) rounds="$2"; shift 2 ;;
         --resume) resume=1; shift ;;
         --connection) connection="$2"; shift 2 ;;
+        --app) app="$2"; shift 2 ;;
         --) shift; extra=("$@"); break ;;
         -h|--help) usage; exit 0 ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-if [[ -z "$superlink" || -z "$ca" || -z "$output" || -z "$sites" ]]; then
-    echo "error: give --superlink, --ca, --output and --sites (see --help)" >&2
+if [[ -z "$ca" || -z "$output" || -z "$sites" ]]; then
+    echo "error: give --ca, --output and --sites (see --help)" >&2
     exit 2
 fi
 if [[ "$output" != /* ]]; then
@@ -56,11 +65,11 @@ if [[ "$output" != /* ]]; then
     exit 2
 fi
 
-# shellcheck source=server/common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 fp_setup_flower
 fp_require_file "$ca" "it is the ca.pem server/make-certificates.sh made."
-fp_write_connection "$connection" "$superlink" "$ca"
+app="$(cd "$app" && pwd)"
+"$FP_PYTHON" -m fedprompt.federation.app_approval check "$app"
+fp_write_connection "$connection" "$control" "$ca"
 
 overrides=(federation.mode=deployment "federation.num_sites=$sites" "federation.min_sites=$min_sites")
 [[ -n "$rounds" ]] && overrides+=("federation.rounds=$rounds")
@@ -77,5 +86,4 @@ path, experiment, output, *overrides = sys.argv[1:]
 config = {"experiment": experiment, "output_dir": output, "overrides": shlex.join(overrides)}
 Path(path).write_text(tomli_w.dumps(config))
 PY
-app="$(cd "$(dirname "${BASH_SOURCE[0]}")/app" && pwd)"
 flwr run "$app" "$connection" --run-config "$run_config" --stream

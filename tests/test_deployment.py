@@ -1,26 +1,35 @@
 """Deployment: real processes on loopback, through the scripts in server/ and sites/.
 
-A SuperLink with TLS and SuperNode authentication, three hospitals' SuperNodes each reading its
-own data folder, `flwr run` of two rounds on the miniature backbone. A SuperNode whose key was
-never registered is refused; one hospital's SuperNode is killed (SIGKILL, as a power cut) once
-round 1 is recorded, and the run completes with the other two, round 2's line naming the
-missing site.
+One centre for the module: a SuperLink with TLS and SuperNode authentication on 127.0.0.1, nginx
+in front of it on the sites' port, and the centre's app signed with its key. Against it: an
+outsider holding ca.pem tries the Control API through the sites' port (refused; an operator on
+the centre's loopback may do the same); a second key under a registered name is refused; three
+hospitals' SuperNodes, which run only apps the centre signed, refuse an unsigned app and one
+signed by another key; a SuperNode whose key was never registered is turned away; and `flwr run`
+of two rounds on the miniature backbone, where one hospital's SuperNode is killed (SIGKILL, as a
+power cut) once round 1 is recorded and the run completes with the other two.
 """
 
+import hashlib
+import http.client
 import json
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from flwr.common.config import flatten_dict
 from sites_on_disk import write_site
 
+from fedprompt.federation.app_approval import SIGNATURE_FILE, build_fab
 from fedprompt.federation.orchestration import wait_for_sites
 from fedprompt.federation.run_config import default_run_config
 
@@ -28,6 +37,41 @@ ROOT = Path(__file__).parents[1]
 SERVER = ROOT / "server"
 SITES = ROOT / "sites"
 HOSPITALS = ["hospital-a", "hospital-b", "hospital-c"]
+OPERATOR = "fedprompt-centre"  # the connection the server scripts write
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+needs_nginx = pytest.mark.skipif(
+    NGINX is None, reason="nginx is not installed (apt-get install nginx-light)"
+)
+needs_ssh_keygen = pytest.mark.skipif(
+    shutil.which("ssh-keygen") is None, reason="ssh-keygen (openssh-client) is not installed"
+)
+
+PROBE = '''\
+"""Asks every connected node once and logs what each answered."""
+from logging import INFO
+
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+from flwr.serverapp import ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@client.query()
+def answer(msg, context):
+    return Message(RecordDict({"probe": MetricRecord({"ran": 1})}), reply_to=msg)
+
+
+@server.main()
+def main(grid, context):
+    nodes = list(grid.get_node_ids())
+    asked = [Message(RecordDict(), dst_node_id=node, message_type="query") for node in nodes]
+    for reply in grid.send_and_receive(asked, timeout=120):
+        outcome = reply.error.reason if reply.has_error() else "ran"
+        log(INFO, "probe reply from %s: %s", reply.metadata.src_node_id, outcome)
+'''
 
 
 def _free_port() -> int:
@@ -42,11 +86,6 @@ def _wait_until(condition, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
         time.sleep(0.5)
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 class Processes:
@@ -88,10 +127,187 @@ class Processes:
                 process.wait(timeout=10)
 
 
-def _run(command: list[str], env: dict[str, str]) -> str:
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+def _attempt(command: list, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(part) for part in command], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def _run(command: list, env: dict[str, str]) -> str:
+    done = _attempt(command, env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done.stdout
+
+
+def _env(flwr_home: Path, cache: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FEDPROMPT_CACHE": str(cache),
+    }
+
+
+def _probe_app(folder: Path, publisher: str) -> Path:
+    folder.mkdir(parents=True)
+    pyproject = (SERVER / "app/pyproject.toml").read_text()
+    pyproject = pyproject.replace('name = "fedprompt-deployment"', 'name = "probe"')
+    pyproject = pyproject.replace('publisher = "fedprompt"', f'publisher = "{publisher}"')
+    pyproject = pyproject.replace("fedprompt.federation.server_app:app", "probe:server")
+    (folder / "pyproject.toml").write_text(
+        pyproject.replace("fedprompt.federation.client_app:app", "probe:client")
+    )
+    (folder / "probe.py").write_text(PROBE)
+    return folder
+
+
+@dataclass
+class Centre:
+    """The coordinating centre's machine, as the module's tests share it."""
+
+    folder: Path
+    env: dict[str, str]  # an operator on the centre's machine: the scripts' connection
+    certs: Path
+    public_port: int
+    control_port: int
+    processes: Processes
+    app: Path  # the centre's app, signed
+    trusted: Path  # what a hospital lists: the centre's signing key
+
+    def scripts(self, script: str, *args) -> list:
+        """A server/ script with the Control API address and the CA filled in first."""
+        control = ["--control", f"127.0.0.1:{self.control_port}", "--ca", self.certs / "ca.pem"]
+        return [SERVER / script, *control, *args]
+
+    def flwr_json(self, *args) -> dict:
+        return json.loads(_run(["flwr", *args, OPERATOR, "--format", "json"], self.env))
+
+    def registered(self) -> dict[str, str]:
+        nodes = self.flwr_json("supernode", "list")["nodes"]
+        return {node["node-id"]: node["status"] for node in nodes}
+
+    def run_count(self) -> int:
+        return len(self.flwr_json("ls")["runs"])
+
+
+def _https(port: int, ca: Path, method: str, path: str) -> tuple[int, str]:
+    context = ssl.create_default_context(cafile=str(ca))
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+    try:
+        connection.request(method, path, body=b"" if method == "POST" else None)
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("certs") / "certs"
+    env = _env(folder.parent / "flwr-home", folder.parent)
+    _run([SERVER / "make-certificates.sh", "--out", folder, "--host", "127.0.0.1"], env)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def centre(tmp_path_factory, certs, backbone_cache_dir):
+    if NGINX is None:
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen (openssh-client) is not installed")
+    folder = tmp_path_factory.mktemp("centre")
+    env = _env(folder / "operator-flwr-home", backbone_cache_dir)
+    (folder / "logs").mkdir()
+    processes = Processes(folder / "logs", env)
+    try:
+        # Both ports are bound by the processes themselves; another process may take a port
+        # between choosing and binding it, so the start is retried on "address already in use".
+        for _ in range(5):
+            public, control = _free_port(), _free_port()
+            superlink = processes.start(
+                "superlink",
+                [
+                    str(SERVER / "start-superlink.sh"),
+                    *("--certs", str(certs), "--host", "127.0.0.1", "--port", str(public)),
+                    *("--control-port", str(control), "--state", str(folder / "state")),
+                ],
+            )
+
+            def answered(port=public, process=superlink) -> bool:
+                if process.poll() is not None:
+                    return True
+                try:
+                    return _https(port, certs / "ca.pem", "GET", "/")[0] == 403
+                except OSError:
+                    return False
+
+            _wait_until(answered, 90, "nginx answering on the sites' port")
+            if superlink.poll() is None:
+                break
+            assert "already in use" in processes.log("superlink"), processes.log("superlink")
+        else:
+            pytest.fail("no free pair of ports in 5 tries")
+
+        operator = Centre(
+            folder, env, certs, public, control, processes, folder / "app", folder / "trusted-apps"
+        )
+        _run(operator.scripts("list-sites.sh"), env)  # writes the operator's connection
+
+        # The centre's signing key, and its app signed with it; hospitals list the key.
+        app = folder / "app"
+        shutil.copytree(SERVER / "app", app, ignore=shutil.ignore_patterns(SIGNATURE_FILE))
+        signed = _run(
+            [
+                SERVER / "sign-app.sh",
+                *("--key", folder / "signing/centre", "--new-key", "--no-passphrase"),
+                *("--app", app, "--out", folder / "fabs"),
+            ],
+            env,
+        )
+        operator.trusted.write_text(signed.splitlines()[-1] + "\n")
+        yield operator
+    finally:
+        processes.stop_all()
+
+
+@pytest.fixture(scope="module")
+def hospitals(centre, tmp_path_factory, miniature_backbone) -> dict[str, Path]:
+    """Three registered hospitals' SuperNodes, online, running only the centre's signed apps."""
+    folder = tmp_path_factory.mktemp("hospitals")
+    configs = {}
+    for index, name in enumerate(HOSPITALS):
+        configs[name] = write_site(folder, name, seed=index)
+        keys = configs[name].parent / "keys"
+        _run([SITES / "make-site-key.sh", "--name", name, "--out", keys], centre.env)
+        _run(
+            centre.scripts("register-site.sh", "--name", name, "--key", keys / f"{name}.pub"),
+            centre.env,
+        )
+    for name in HOSPITALS:
+        check = [] if name == "hospital-a" else ["--skip-check"]
+        centre.processes.start(
+            name,
+            [
+                str(SITES / "start-supernode.sh"),
+                *("--config", str(configs[name]), "--superlink", f"127.0.0.1:{centre.public_port}"),
+                *("--ca", str(centre.certs / "ca.pem"), "--trusted-apps", str(centre.trusted)),
+                *("--key", str(configs[name].parent / "keys" / name)),
+                *("--port", str(_free_port()), *check),
+            ],
+        )
+
+    def all_online() -> bool:
+        listed = _run(centre.scripts("list-sites.sh"), centre.env)
+        return all(
+            f"{name} " in listed and "online" in listed.split(name)[1].splitlines()[0]
+            for name in HOSPITALS
+        )
+
+    _wait_until(all_online, 180, "the three hospitals coming online")
+    return configs
 
 
 def test_the_deployment_app_declares_the_bridge_keys_and_installs_nothing():
@@ -129,99 +345,273 @@ def test_a_simulation_needs_exactly_one_node_per_site():
         wait_for_sites(Connected(4), 3, timeout=0)
 
 
+def test_the_centre_does_not_start_without_nginx(certs, tmp_path):
+    done = _attempt(
+        [SERVER / "start-superlink.sh", "--certs", certs, "--state", tmp_path],
+        {**_env(tmp_path, tmp_path), "FEDPROMPT_NGINX": str(tmp_path / "no-nginx")},
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: nginx is not installed; install it (apt-get install nginx-light, or nginx) and "
+        "run this again."
+    )
+
+
+def test_the_centre_does_not_start_with_a_certificate_nginx_cannot_check(certs, tmp_path):
+    old = tmp_path / "old-certs"
+    old.mkdir()
+    shutil.copy(certs / "ca.pem", old / "ca.pem")
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"),
+            *("-nodes", "-keyout", old / "server.key", "-out", old / "server.pem", "-days", "1"),
+            *("-subj", "/CN=fl.example.org", "-addext", "subjectAltName=DNS:fl.example.org"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    done = _attempt(
+        [SERVER / "start-superlink.sh", "--certs", old, "--state", tmp_path / "state"],
+        {**_env(tmp_path, tmp_path), "FEDPROMPT_NGINX": "/bin/true"},
+    )
+    assert done.returncode == 2 and "lacks localhost and 127.0.0.1" in done.stderr
+
+
+def test_a_site_does_not_start_without_a_list_of_trusted_app_signers(tmp_path):
+    site = write_site(tmp_path, "hospital-a")
+    start = [
+        SITES / "start-supernode.sh",
+        *("--config", site, "--superlink", "127.0.0.1:9", "--ca", site, "--key", site),
+    ]
+    env = _env(tmp_path, tmp_path)
+    missing = _attempt(start, env)
+    assert missing.returncode == 2 and "--trusted-apps" in missing.stderr
+    (tmp_path / "empty").write_text("# nobody yet\n")
+    empty = _attempt([*start, "--trusted-apps", tmp_path / "empty"], env)
+    assert empty.returncode == 2
+    assert "lists no app signer, so this site would run nothing" in empty.stderr
+
+    # A site that cannot check signatures does not start either.
+    (tmp_path / "trusted").write_text('centre@fedprompt namespaces="fedprompt-app" ssh-ed25519 A\n')
+    tools = tmp_path / "no-ssh-keygen"
+    tools.mkdir()
+    for tool in ("bash", "grep"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    blind = _attempt([*start, "--trusted-apps", tmp_path / "trusted"], {**env, "PATH": str(tools)})
+    assert blind.returncode == 2 and "ssh-keygen is not installed" in blind.stderr
+
+
+def test_the_centre_does_not_start_on_a_port_in_use(certs, tmp_path):
+    env = {**_env(tmp_path, tmp_path), "FEDPROMPT_NGINX": "/bin/true"}
+    start = [SERVER / "start-superlink.sh", "--certs", certs, "--state", tmp_path / "state"]
+    same = _attempt([*start, "--port", "9092", "--control-port", "9092"], env)
+    assert same.returncode == 2 and "--port and --control-port must differ" in same.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _attempt([*start, "--control-port", port], env)
+    assert done.returncode == 1 and f"127.0.0.1:{port} is already in use" in done.stderr
+
+
+@needs_nginx
+def test_the_sites_port_passes_only_the_fleet_api(centre):
+    ca = centre.certs / "ca.pem"
+    for method, path in [
+        ("POST", "/v1/control/list-runs"),
+        ("POST", "/v1/control/register-node"),
+        ("POST", "/v1/runtime/pull-task-input"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("GET", "/health"),
+        ("POST", "/v1/fleet/../control/list-runs"),
+        ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+        ("GET", "/v1/fleet/get-run"),
+    ]:
+        assert _https(centre.public_port, ca, method, path)[0] == 403, path
+    # A Fleet API call reaches the SuperLink (which rejects an empty, unsigned body itself).
+    assert _https(centre.public_port, ca, "POST", "/v1/fleet/get-run")[0] not in (403, 404)
+    # On the loopback the SuperLink serves everything: the Control API is the operators'.
+    assert _https(centre.control_port, ca, "GET", "/health")[0] == 200
+
+
+@needs_nginx
+@needs_ssh_keygen
+def test_an_outsider_with_ca_pem_controls_nothing_an_operator_controls_all(centre, tmp_path):
+    keys = tmp_path / "keys"
+    for name in ("victim", "outsider"):
+        _run([SITES / "make-site-key.sh", "--name", name, "--out", keys], centre.env)
+    registered = json.loads(
+        _run(
+            ["flwr", "supernode", "register", keys / "victim.pub", OPERATOR, "--format", "json"],
+            centre.env,
+        )
+    )
+    victim = registered["node-id"]
+    runs, nodes = centre.run_count(), centre.registered()
+    assert nodes[str(victim)] == "registered"
+
+    # Someone who holds only ca.pem and reaches the sites' port, with a fresh Flower config.
+    home = tmp_path / "outsider-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "centre"\n[superlink.centre]\n'
+        f'address = "127.0.0.1:{centre.public_port}"\n'
+        f'root-certificates = "{centre.certs / "ca.pem"}"\n'
+    )
+    outsider = {**centre.env, "FLWR_HOME": str(home)}
+    app = _probe_app(tmp_path / "probe", "outsider")
+    for attempt in (
+        ["ls", "centre"],
+        ["supernode", "register", keys / "outsider.pub", "centre"],
+        ["supernode", "unregister", str(victim), "centre"],
+        ["run", app, "centre"],
+    ):
+        done = _attempt(["flwr", *attempt], outsider)
+        assert done.returncode != 0, attempt
+        assert "403 Forbidden" in done.stdout + done.stderr, attempt
+    assert centre.run_count() == runs and centre.registered() == nodes
+
+    # An operator on the centre's machine may do each: ls and register above, flwr run below.
+    _run(["flwr", "supernode", "unregister", str(victim), OPERATOR], centre.env)
+    assert centre.registered()[str(victim)] == "unregistered"
+
+
+@needs_nginx
+@needs_ssh_keygen
+def test_a_second_key_under_a_registered_name_is_refused(centre, tmp_path):
+    keys = tmp_path / "keys"
+    for name in ("first", "second"):
+        _run([SITES / "make-site-key.sh", "--name", name, "--out", keys], centre.env)
+    _run(
+        centre.scripts("register-site.sh", "--name", "hospital-z", "--key", keys / "first.pub"),
+        centre.env,
+    )
+    before = centre.registered()
+    second = _attempt(
+        centre.scripts("register-site.sh", "--name", "hospital-z", "--key", keys / "second.pub"),
+        centre.env,
+    )
+    assert second.returncode == 2
+    assert "error: the name hospital-z is already registered (node " in second.stderr
+    assert centre.registered() == before
+    listed = _run(centre.scripts("list-sites.sh"), centre.env)
+    assert listed.count("hospital-z ") == 1
+
+    nobody = _attempt(centre.scripts("unregister-site.sh", "--name", "hospital-y"), centre.env)
+    assert nobody.returncode == 2 and "no registered site is named hospital-y" in nobody.stderr
+
+    # After the centre unregisters the old key, the name takes the new one.
+    _run(centre.scripts("unregister-site.sh", "--name", "hospital-z"), centre.env)
+    _run(
+        centre.scripts("register-site.sh", "--name", "hospital-z", "--key", keys / "second.pub"),
+        centre.env,
+    )
+    _run(centre.scripts("unregister-site.sh", "--name", "hospital-z"), centre.env)
+
+
+@needs_nginx
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_tls_node_auth_and_a_site_lost_mid_run(tmp_path, miniature_backbone, backbone_cache_dir):
+def test_sites_refuse_an_unsigned_app_and_one_signed_by_another_key(centre, hospitals, tmp_path):
+    unsigned = _probe_app(tmp_path / "unsigned", "outsider")
+    foreign = _probe_app(tmp_path / "foreign", "impostor")
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "other-key"], centre.env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "fedprompt.federation.app_approval",
+            "sign",
+            foreign,
+            "--key",
+            tmp_path / "other-key",
+            "--fab-out",
+            tmp_path,
+        ],
+        centre.env,
+    )
+
+    # The centre's own script refuses to submit an app that is not signed.
+    refused = _attempt(
+        centre.scripts(
+            "start-run.sh", "--app", unsigned, "--output", tmp_path / "out", "--sites", "3"
+        ),
+        centre.env,
+    )
+    assert (
+        refused.returncode == 2
+        and "is not signed, and every site would refuse it" in refused.stderr
+    )
+
+    # An operator may submit any app with flwr run; every hospital refuses these two.
+    for app, reason in [
+        (unsigned, "it is unsigned"),
+        (foreign, f"which {centre.trusted} does not list"),
+    ]:
+        fab_hash = hashlib.sha256(build_fab(app)).hexdigest()
+        run = _run(["flwr", "run", app, OPERATOR, "--stream"], centre.env)
+        replies = [line for line in run.splitlines() if "probe reply from" in line]
+        assert len(replies) == len(HOSPITALS), run
+        assert all("refused app" in reply and reason in reply for reply in replies), replies
+        publisher = "outsider" if app == unsigned else "impostor"
+        sentence = f"[fedprompt] refused app {publisher}/probe 0.1.0 (FAB {fab_hash}): "
+        for name in HOSPITALS:
+            log = centre.processes.log(name)
+            assert sentence in log and reason in log.split(sentence)[1].splitlines()[0], name
+
+
+@needs_nginx
+@needs_ssh_keygen
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_supernode_whose_key_is_not_registered_is_turned_away(centre, tmp_path):
+    config = write_site(tmp_path, "intruder")
+    _run([SITES / "make-site-key.sh", "--name", "intruder", "--out", tmp_path / "keys"], centre.env)
+    intruder = _attempt(
+        [
+            SITES / "start-supernode.sh",
+            *("--config", config, "--superlink", f"127.0.0.1:{centre.public_port}"),
+            *("--ca", centre.certs / "ca.pem", "--trusted-apps", centre.trusted),
+            *("--key", tmp_path / "keys/intruder", "--port", _free_port(), "--skip-check"),
+        ],
+        centre.env,
+    )
+    # What sites/README.md tells a hospital: Flower's code 305 is printed, the status is 1.
+    output = intruder.stdout + intruder.stderr
+    assert intruder.returncode == 1, output
+    assert "Exit Code: 305" in output and "[code: 2004] Failed to activate SuperNode." in output
+
+
+@needs_nginx
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_the_centres_signed_app_runs_and_survives_a_site_lost_mid_run(centre, hospitals):
     started = time.monotonic()
-    env = {
-        **os.environ,
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FEDPROMPT_CACHE": str(backbone_cache_dir),
-    }
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    processes = Processes(logs, env)
-    port = _free_port()
-    superlink = f"127.0.0.1:{port}"
-    certs = tmp_path / "certs"
-    results = tmp_path / "results"
-    try:
-        # The coordinating centre: certificates for the address sites use, then the SuperLink.
-        _run(
-            [str(SERVER / "make-certificates.sh"), "--out", str(certs), "--host", "127.0.0.1"], env
-        )
-        processes.start(
-            "superlink",
-            [
-                str(SERVER / "start-superlink.sh"),
-                *("--certs", str(certs), "--host", "127.0.0.1", "--port", str(port)),
-                *("--state", str(tmp_path / "state")),
-            ],
-        )
-        _wait_until(lambda: _port_open(port), 60, "the SuperLink opening its port")
-
-        # Each hospital: its own images, site config and key; the centre registers the key.
-        configs = {}
-        for index, name in enumerate([*HOSPITALS, "intruder"]):
-            configs[name] = write_site(tmp_path / "sites", name, seed=index)
-            keys = configs[name].parent / "keys"
-            _run([str(SITES / "make-site-key.sh"), "--name", name, "--out", str(keys)], env)
-            if name != "intruder":
-                _run(
-                    [
-                        str(SERVER / "register-site.sh"),
-                        *("--name", name, "--key", str(keys / f"{name}.pub")),
-                        *("--superlink", superlink, "--ca", str(certs / "ca.pem")),
-                    ],
-                    env,
-                )
-        for name in [*HOSPITALS, "intruder"]:
-            check = [] if name == "hospital-a" else ["--skip-check"]
-            processes.start(
-                name,
-                [
-                    str(SITES / "start-supernode.sh"),
-                    *("--config", str(configs[name]), "--superlink", superlink),
-                    *("--ca", str(certs / "ca.pem")),
-                    *("--key", str(configs[name].parent / "keys" / name)),
-                    *("--port", str(_free_port()), *check),
-                ],
-            )
-
-        # A SuperNode whose key was never registered is turned away.
-        intruder = processes.started["intruder"]
-        intruder.wait(timeout=120)
-        assert intruder.returncode != 0
-        assert "Failed to activate SuperNode" in processes.log("intruder")
-
-        run = processes.start(
-            "run",
-            [
-                str(SERVER / "start-run.sh"),
-                *("--superlink", superlink, "--ca", str(certs / "ca.pem")),
-                *("--output", str(results), "--sites", "3", "--rounds", "2"),
+    results = centre.folder / "results"
+    run = centre.processes.start(
+        "run",
+        [
+            str(part)
+            for part in centre.scripts(
+                "start-run.sh",
+                *("--app", centre.app, "--output", results, "--sites", "3", "--rounds", "2"),
                 *("--", "train.local_epochs=1", "federation.connect_timeout=90"),
-            ],
-        )
-        metrics = results / "metrics.jsonl"
-        _wait_until(
-            lambda: (
-                (metrics.exists() and metrics.read_text().count("\n") >= 1)
-                or run.poll() is not None
-            ),
-            400,
-            "round 1",
-        )
-        processes.kill("hospital-c")
-        run.wait(timeout=400)
-        assert run.returncode == 0, processes.log("run")[-4000:]
-    finally:
-        processes.stop_all()
-        print(f"deployment test: {time.monotonic() - started:.0f} s wall time")
+            )
+        ],
+    )
+    metrics = results / "metrics.jsonl"
+    _wait_until(
+        lambda: (
+            (metrics.exists() and metrics.read_text().count("\n") >= 1) or run.poll() is not None
+        ),
+        400,
+        "round 1",
+    )
+    centre.processes.kill("hospital-c")
+    run.wait(timeout=400)
+    print(f"deployment run: {time.monotonic() - started:.0f} s wall time")
+    assert run.returncode == 0, centre.processes.log("run")[-4000:]
 
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [line["round"] for line in lines] == [1, 2]
@@ -237,13 +627,17 @@ def test_tls_node_auth_and_a_site_lost_mid_run(tmp_path, miniature_backbone, bac
     summary = json.loads((results / "summary.json").read_text())
     assert summary["mode"] == "deployment" and summary["final"]["source"] == "federated"
     assert set(summary["final"]["per_site"]) == {"hospital-a", "hospital-b"}
-    assert "round 2/2" in processes.log("run") and "missing hospital-c" in processes.log("run")
+    log = centre.processes.log("run")
+    assert "round 2/2" in log and "missing hospital-c" in log
+    assert "[fedprompt] running app fedprompt/fedprompt-deployment 0.1.0" in centre.processes.log(
+        "hospital-a"
+    )
 
     # Each site keeps its own log of the updates it sent.
     def rounds_sent(name):
-        releases = json.loads((configs[name].parent / "state/releases.json").read_text())
+        releases = json.loads((hospitals[name].parent / "state/releases.json").read_text())
         return [entry["round"] for entry in releases["releases"]]
 
     assert rounds_sent("hospital-a") == rounds_sent("hospital-b") == [1, 2]
     assert rounds_sent("hospital-c")[0] == 1
-    assert "OK: every image is readable" in processes.log("hospital-a")
+    assert "OK: every image is readable" in centre.processes.log("hospital-a")
