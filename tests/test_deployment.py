@@ -220,6 +220,9 @@ def centre(tmp_path_factory, certs, backbone_cache_dir):
         pytest.skip("ssh-keygen (openssh-client) is not installed")
     folder = tmp_path_factory.mktemp("centre")
     env = _env(folder / "operator-flwr-home", backbone_cache_dir)
+    # A SuperNode killed without warning leaves its private command folder here, not in /tmp.
+    env["TMPDIR"] = str(folder / "tmp")
+    (folder / "tmp").mkdir()
     (folder / "logs").mkdir()
     processes = Processes(folder / "logs", env)
     try:
