@@ -4,7 +4,7 @@
 accepts any number of keys under one name. The server scripts call this through Flower's own
 Control API client over a named connection in ``$FLWR_HOME/config.toml``.
 
-Usage: python server/site_registry.py CONNECTION {list | free NAME | unregister NAME}
+Usage: python server/site_registry.py CONNECTION {list | names | free NAME | unregister NAME}
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ def main(argv: Sequence[str]) -> int:
     connection, command, *names = argv
     client = init_http_client_from_connection(read_superlink_connection(connection))
     try:
+        if command == "names":
+            # The run's roster (federation.sites): every registered site is expected each round.
+            names = sorted({node.name for node in registered(client) if node.name})
+            print(",".join(repr(name) for name in names))
+            return 0
         if command == "list":
             print(f"{'site':<24} {'node id':<22} status")
             for node in sorted(registered(client), key=lambda node: node.name):

@@ -11,7 +11,9 @@ Usage: server/start-run.sh --ca ca.pem --output DIR --sites N [--control HOST:PO
 Submits fedprompt's ServerApp and ClientApp (server/app) to the SuperLink in deployment mode:
 each site trains on its own images and only prompt tensors and scalar metrics come back. The
 results folder is written on the machine the SuperLink runs on. The command streams the run's
-log and returns when the run ends.
+log and returns when the run ends: status 0 only when the run completed (summary.json says
+"status": "completed"), 1 when it failed, with the reason. Every registered site is on the
+run's roster, so a site offline when a round starts is listed as missing in that round.
 
 Sites run only an app the centre signed: an unsigned server/app, or one changed since it was
 signed, is refused here before it is sent (sign it with server/sign-app.sh). Run it on the
@@ -71,7 +73,12 @@ app="$(cd "$app" && pwd)"
 "$FP_PYTHON" -m fedprompt.federation.app_approval check "$app"
 fp_write_connection "$connection" "$control" "$ca"
 
-overrides=(federation.mode=deployment "federation.num_sites=$sites" "federation.min_sites=$min_sites")
+# Every registered site is on the run's roster: one not connected when a round starts is
+# recorded as missing in that round's line, not silently absent.
+# (Flower's client prints which SuperLink it uses first: the names are the last line.)
+roster="$("$FP_PYTHON" "$(dirname "${BASH_SOURCE[0]}")/site_registry.py" "$connection" names | tail -n 1)"
+overrides=(federation.mode=deployment "federation.num_sites=$sites" "federation.min_sites=$min_sites"
+    "federation.sites=[$roster]")
 [[ -n "$rounds" ]] && overrides+=("federation.rounds=$rounds")
 [[ "$resume" == 1 ]] && overrides+=("resume=$output")
 overrides+=("${extra[@]}")
@@ -87,3 +94,15 @@ config = {"experiment": experiment, "output_dir": output, "overrides": shlex.joi
 Path(path).write_text(tomli_w.dumps(config))
 PY
 flwr run "$app" "$connection" --run-config "$run_config" --stream
+# flwr run exits 0 whatever became of the run: the run's own summary says whether it completed.
+"$FP_PYTHON" - "$output/summary.json" <<'PY'
+import json, sys
+from pathlib import Path
+path = Path(sys.argv[1])
+summary = json.loads(path.read_text()) if path.is_file() else {}
+if summary.get("status") == "completed":
+    sys.exit(0)
+reason = summary.get("reason") or "it wrote no summary; the log above says why"
+print(f"error: the run did not complete: {reason}", file=sys.stderr)
+sys.exit(1)
+PY

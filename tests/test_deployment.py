@@ -589,8 +589,16 @@ def test_a_supernode_whose_key_is_not_registered_is_turned_away(centre, tmp_path
 @needs_nginx
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_the_centres_signed_app_runs_and_survives_a_site_lost_mid_run(centre, hospitals):
+def test_the_centres_signed_app_runs_and_survives_a_site_lost_mid_run(centre, hospitals, tmp_path):
     started = time.monotonic()
+    # hospital-d is registered but its SuperNode never starts: it is missing from round 1 on.
+    _run([SITES / "make-site-key.sh", "--name", "hospital-d", "--out", tmp_path], centre.env)
+    register = ("--name", "hospital-d", "--key", tmp_path / "hospital-d.pub")
+    _run(centre.scripts("register-site.sh", *register), centre.env)
+    roster = _run([sys.executable, SERVER / "site_registry.py", OPERATOR, "names"], centre.env)
+    names = roster.strip().splitlines()[-1].split(",")
+    offline = {name.strip("'") for name in names} - set(HOSPITALS)
+    assert "hospital-d" in offline
     results = centre.folder / "results"
     run = centre.processes.start(
         "run",
@@ -619,10 +627,13 @@ def test_the_centres_signed_app_runs_and_survives_a_site_lost_mid_run(centre, ho
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [line["round"] for line in lines] == [1, 2]
     first, second = lines
-    assert sorted(first["sites"]) == HOSPITALS and first["missing"] == {}
+    assert sorted(first["aggregated"]) == HOSPITALS
+    assert first["missing"] == dict.fromkeys(
+        sorted(offline), "not connected when the round started"
+    )
     assert first["num_trained"] == 3
-    assert second["num_trained"] == 2
-    assert list(second["missing"]) == ["hospital-c"], second["missing"]
+    assert second["num_trained"] == 2 and sorted(second["aggregated"]) == HOSPITALS[:2]
+    assert set(second["missing"]) == offline | {"hospital-c"}, second["missing"]
     assert second["missing"]["hospital-c"]  # the reason: unavailable, no reply, not connected
     for name in ("hospital-a", "hospital-b"):
         assert second["sites"][name]["train_loss"] > 0
