@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from fedprompt.config import compose_config, list_choices
 from fedprompt.config_schema import check_config, check_site_sizes
 from fedprompt.data.sites import load_splits
-from fedprompt.terminal import FLOWER_LOG
+from fedprompt.terminal import FLOWER_LOG, INTERRUPTED
 from fedprompt.user_errors import USER_ERRORS
 
 
@@ -49,6 +49,8 @@ def _simulate(args: argparse.Namespace) -> int:
         check_site_sizes(cfg, site_train_sizes(cfg))
     flower_log = Path(str(cfg.output_dir)) / FLOWER_LOG
     code = simulate(args.experiment, overrides, cfg, flower_log=flower_log, verbose=args.verbose)
+    if code == INTERRUPTED:  # simulate has said so, and how to resume
+        return code
     summary_path = Path(str(cfg.output_dir)) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if summary.get("status") == "failed":

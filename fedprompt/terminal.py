@@ -19,6 +19,9 @@ from typing import TextIO
 FLOWER_LOG = "flower.log"
 """Flower's whole output of a run, in the run's results folder."""
 
+INTERRUPTED = 130
+"""The exit status of a command stopped by Ctrl-C or SIGTERM (128 + SIGINT)."""
+
 
 class _UnprintedRecords(logging.Filter):
     """Passes a record only if no handler between its logger and the root printed it already.
@@ -75,7 +78,7 @@ _RAY_PREFIX = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\)\s*")
 _RAY_REPEATS = re.compile(r"\s*\[repeated \d+x across cluster\]\s*$")
 _FLOWER_LINE = re.compile(r"^(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*(?P<msg>.*)$")
 _LIBRARY_LINE = re.compile(r"^(?P<level>WARNING|ERROR|CRITICAL) (?P<logger>fedprompt[\w.]*): ")
-_TQDM = re.compile(r"^(?P<desc>[^|]+?):\s+(?P<pct>\d+)%\|.*\|\s*(?P<n>\d+)/(?P<total>\d+)")
+_TQDM = re.compile(r"^(?P<desc>[^|]+?):\s+(?P<pct>\d+)%\|.*\|\s*(?P<n>\d+)/(?P<total>\d+)\s+\[")
 _ROUND = re.compile(r"^\[ROUND (?P<round>\d+)/(?P<rounds>\d+)\]$")
 
 
@@ -122,6 +125,7 @@ class FlowerOutput:
         self._since = clock()
         self._last_shown = self._since
         self._bars: dict[str, float] = {}
+        self._bar = ""
 
     def feed(self, text: str) -> None:
         """Take the next piece of Flower's output (any length, lines may be split)."""
@@ -134,10 +138,14 @@ class FlowerOutput:
             self.terminal.flush()
             return
         self._pending += text
-        # tqdm redraws with "\r"; a piece ending in "\r" is one state of a progress bar.
+        # tqdm redraws with "\r": each state of a progress bar is a segment of its own, and the
+        # newest is shown before the next one ends it.
         *segments, self._pending = re.split(r"\r\n|\n|\r", self._pending)
         for segment in segments:
             self._take(segment)
+        bar = _TQDM.match(self._clean(self._pending))
+        if bar:
+            self._take_bar(bar)
 
     def tick(self) -> None:
         """Call now and then: shows which round is running when nothing was shown for a while."""
@@ -161,14 +169,18 @@ class FlowerOutput:
             self._pending = ""
         self._clear_status()
 
-    def _take(self, segment: str) -> None:
+    @staticmethod
+    def _clean(segment: str) -> str:
         text = _ANSI.sub("", segment)
-        text = _RAY_REPEATS.sub("", _RAY_PREFIX.sub("", text)).strip()
+        return _RAY_REPEATS.sub("", _RAY_PREFIX.sub("", text)).strip()
+
+    def _take(self, segment: str) -> None:
+        text = self._clean(segment)
         if not text:
             return
         bar = _TQDM.match(text)
         if bar:
-            self._progress(bar["desc"].strip(), int(bar["pct"]), int(bar["n"]), int(bar["total"]))
+            self._take_bar(bar)
             return
         line = _FLOWER_LINE.match(text)
         if line is None:
@@ -187,8 +199,12 @@ class FlowerOutput:
         elif level in ("ERROR", "CRITICAL"):
             self._show(f"{level}: {message}")
 
-    def _progress(self, desc: str, pct: int, n: int, total: int) -> None:
-        text = f"{desc}: {pct}% ({n}/{total})"
+    def _take_bar(self, bar: re.Match[str]) -> None:
+        desc, n, total = bar["desc"].strip(), int(bar["n"]), int(bar["total"])
+        text = f"{desc}: {bar['pct']}% ({n}/{total})"
+        if text == self._bar:  # the state shown while it was the newest, now ended by the next
+            return
+        self._bar = text
         now = self.clock()
         if self.interactive:
             self.terminal.write(f"\r\x1b[K{text}")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from no_network import cut_network
 from PIL import Image
 
 from fedprompt.backbones import (
@@ -191,11 +192,48 @@ def test_biomedclip_hub_failure_is_wrapped(monkeypatch):
     def unreachable(*args, **kwargs):
         raise RuntimeError("Failed initial config/weights load from HF Hub")
 
-    monkeypatch.setattr(loader_module, "_hub_offline", lambda: False)
+    monkeypatch.setattr(loader_module, "offline_requested", lambda: False)
+    monkeypatch.setattr(loader_module, "unreachable", lambda url: None)  # the hub answers
     monkeypatch.setattr(open_clip, "create_model_from_pretrained", unreachable)
     with pytest.raises(BackboneUnavailableError, match="backbone=local_dir") as info:
         load_backbone("biomedclip")
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_biomedclip_without_network_says_so_in_seconds(monkeypatch, tmp_path):
+    attempts = cut_network(monkeypatch)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    started = time.monotonic()
+    with pytest.raises(BackboneUnavailableError) as info:
+        load_backbone("biomedclip")
+    assert time.monotonic() - started < 5
+    assert "huggingface.co:443 cannot be reached" in str(info.value)
+    assert "backbone=local_dir" in str(info.value)
+    assert len(attempts) == 1  # one connection attempt, no retries
+
+
+def test_biomedclip_without_network_loads_a_cached_copy_offline(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+    import open_clip
+
+    cut_network(monkeypatch)
+    repo = loader_module.BIOMEDCLIP_HUB_ID.replace("/", "--")
+    snapshot = tmp_path / "hub" / f"models--{repo}"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("abc")
+    (snapshot / "snapshots" / "abc").mkdir(parents=True)
+    (snapshot / "snapshots" / "abc" / "open_clip_config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    seen = []
+
+    def from_cache(*args, **kwargs):
+        seen.append(huggingface_hub.constants.HF_HUB_OFFLINE)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(open_clip, "create_model_from_pretrained", from_cache)
+    with pytest.raises(BackboneUnavailableError):
+        load_backbone("biomedclip")
+    assert seen == [True] and huggingface_hub.constants.HF_HUB_OFFLINE is False
 
 
 def test_missing_local_dir_says_what_is_missing(tmp_path):

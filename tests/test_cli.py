@@ -1,5 +1,8 @@
+import time
+
 import pytest
 import yaml
+from no_network import cut_network
 from sites_on_disk import corrupt_one_image, write_site
 
 from fedprompt.backbones import default_cache_dir, load_backbone
@@ -118,3 +121,23 @@ def test_simulate_resume_writes_on_into_the_resumed_folder(tmp_path, monkeypatch
     assert seen["overrides"][-2:] == [f"resume={folder}", f"output_dir={folder}"]
     # Flower's log is appended to the resumed folder's, beside what the first session wrote.
     assert seen["output"] == {"flower_log": tmp_path / "run" / "flower.log", "verbose": False}
+
+
+def test_download_without_network_is_one_sentence_within_seconds(tmp_path, monkeypatch, capsys):
+    attempts = cut_network(monkeypatch)
+    started = time.monotonic()
+    assert main(["data", "download", "btmri", "--root", str(tmp_path / "data")]) == 2
+    assert time.monotonic() - started < 5
+    err = capsys.readouterr().err
+    assert err.startswith("fedprompt: Downloading BTMRI.zip from the Hugging Face dataset")
+    assert "huggingface.co:443 cannot be reached" in err and "place it by hand" in err
+    assert len(err.strip().splitlines()) == 1 and len(attempts) == 1
+    assert not (tmp_path / "data").exists()
+
+
+def test_save_local_without_network_is_one_sentence(tmp_path, monkeypatch, capsys):
+    cut_network(monkeypatch)
+    assert main(["backbone", "save-local", str(tmp_path / "copy")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be reached" in err and "on a machine with network" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "copy").exists()

@@ -173,3 +173,115 @@ def test_a_simulation_listens_on_loopback_only(tmp_path):
     (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted(line["aggregated"]) == ["site-0", "site-1", "site-2"], output[-3000:]
     assert json.loads((out / "summary.json").read_text())["secure_aggregation"] is True
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of a live process (None once it ended or is a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _name(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    return "?"
+
+
+def _still_running(seen: dict[int, tuple[str, str]]) -> dict[int, str]:
+    """Of the processes seen, those still running (a reused pid has another start time)."""
+    return {pid: name for pid, (name, start) in seen.items() if _start_time(pid) == start}
+
+
+def _metric_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_sigkill_of_the_cli_ends_every_process_it_started(tmp_path):
+    """SIGKILL gives the CLI no chance to clean up: the SuperLink, the SuperExec, flwr-simulation
+    and Ray (each in a session of its own) must still end, and no round be written after it."""
+    out = tmp_path / "results"
+    metrics = out / "metrics.jsonl"
+    # Rounds of a few seconds, so that round 2's line is far off when round 1's appears.
+    command = [
+        sys.executable,
+        "-m",
+        "fedprompt.cli",
+        "simulate",
+        "quickstart",
+        "federation.rounds=20",
+        "train.local_epochs=200",
+        f"output_dir={out}",
+    ]
+    log = tmp_path / "simulate.log"
+    seen: dict[int, tuple[str, str]] = {}
+    with log.open("w") as log_file:
+        cli = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while cli.poll() is None and time.monotonic() < deadline and not _metric_lines(metrics):
+            for pid in _descendants(cli.pid):
+                if (start := _start_time(pid)) is not None:
+                    seen.setdefault(pid, (_name(pid), start))
+            time.sleep(0.1)
+        assert cli.poll() is None and _metric_lines(metrics), log.read_text()[-3000:]
+        for pid in _descendants(cli.pid):
+            if (start := _start_time(pid)) is not None:
+                seen.setdefault(pid, (_name(pid), start))
+        names = {name for name, _ in seen.values()}
+        assert {"flower-superlin", "flower-superexe", "gcs_server", "raylet"} <= names, names
+        written = _metric_lines(metrics)
+        os.killpg(cli.pid, signal.SIGKILL)
+        cli.wait()
+        deadline = time.monotonic() + 15
+        while _still_running(seen) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _still_running(seen)
+        assert not left, f"still running 15 s after the kill: {sorted(left.values())}"
+        assert _metric_lines(metrics) == written
+    finally:
+        for pid in _still_running(seen):  # what the code under test failed to stop
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# What the guard runs in the tests below: a child that starts a grandchild in a session of its
+# own (as the SuperLink starts the SuperExec), prints the grandchild's pid, and waits.
+def _guarded(tmp_path, lifetime: str) -> tuple[subprocess.Popen, int]:
+    script = tmp_path / "spawner.py"
+    script.write_text(SPAWNER.rsplit("time.sleep(600)", 1)[0] + f"time.sleep({lifetime})\n")
+    guard = subprocess.Popen(
+        [sys.executable, "-m", "fedprompt.federation.process_guard", sys.executable, str(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    return guard, int(guard.stdout.readline())
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _start_time(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _start_time(pid) is None
+
+
+def test_the_guard_kills_its_whole_tree_when_its_lifeline_closes(tmp_path):
+    guard, grandchild = _guarded(tmp_path, "600")
+    guard.stdin.close()  # what the kernel does when the CLI dies, however it dies
+    assert guard.wait(timeout=10) == 128 + signal.SIGKILL
+    assert _gone(grandchild, timeout=5)
+
+
+def test_the_guard_ends_with_its_command_and_stops_what_it_left(tmp_path):
+    guard, grandchild = _guarded(tmp_path, "0")
+    assert guard.wait(timeout=20) == 0
+    assert _gone(grandchild, timeout=1)
+    guard.stdin.close()

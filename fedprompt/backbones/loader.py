@@ -36,6 +36,7 @@ from fedprompt.backbones.miniature import (
     seeded,
     write_architecture_dir,
 )
+from fedprompt.network import hub_offline, offline_requested, quiet_hub_retries, unreachable
 
 BIOMEDCLIP_HUB_ID = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 RANDOM_WEIGHTS_SEED = 0
@@ -218,19 +219,16 @@ def _load(spec: str, kind: str, argument: str, root: Path, device: torch.device)
     return _wrap(spec, model, open_clip.get_tokenizer(f"local-dir:{folder}"), device)
 
 
-def _unavailable_message() -> str:
+def _unavailable_message(reason: str | None = None) -> str:
+    why = f" ({reason}, and the cache holds no copy)" if reason else ""
     return (
         f"BiomedCLIP ({BIOMEDCLIP_HUB_ID}) could not be loaded from the Hugging Face hub or its "
-        "local cache: use an offline copy with `backbone=local_dir backbone.path=/abs/dir` (make "
-        "one with `fedprompt backbone save-local /abs/dir` on a machine with network and "
-        "copy the folder over), or download it once elsewhere and run with HF_HUB_OFFLINE=1 on "
-        "that Hugging Face cache, or use `backbone=miniature` for an offline test run."
+        f"local cache{why}: use an offline copy with `backbone=local_dir "
+        "backbone.path=/abs/dir` (make one with `fedprompt backbone save-local /abs/dir` on a "
+        "machine with network and copy the folder over), or download it once elsewhere and run "
+        "with HF_HUB_OFFLINE=1 on that Hugging Face cache, or use `backbone=miniature` for an "
+        "offline test run."
     )
-
-
-def _hub_offline() -> bool:
-    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    return any((flag or "").strip().lower() in ("1", "true", "yes", "on") for flag in flags)
 
 
 def _hf_hub_cache() -> Path:
@@ -244,20 +242,29 @@ def _hf_hub_cache() -> Path:
 
 def _load_from_hub(spec: str, device: torch.device) -> Backbone:
     import open_clip
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import constants, try_to_load_from_cache
 
     name = _HUB_PREFIX + BIOMEDCLIP_HUB_ID
     cache = _hf_hub_cache()
-    # Fail at once when offline without a cached copy, instead of timing out on the network;
-    # the environment is read now, as huggingface_hub reads it only when first imported.
-    if _hub_offline() and not isinstance(
+    cached = isinstance(
         try_to_load_from_cache(BIOMEDCLIP_HUB_ID, "open_clip_config.json", cache_dir=cache), str
-    ):
+    )
+    # Fail at once when offline without a cached copy, instead of retrying the network for half
+    # a minute.
+    if offline_requested() and not cached:
         missing = FileNotFoundError(f"HF_HUB_OFFLINE is set and {cache} holds no {name}")
         raise BackboneUnavailableError(_unavailable_message()) from missing
+    reason = None if offline_requested() else unreachable(constants.ENDPOINT)
+    if reason and not cached:
+        raise BackboneUnavailableError(_unavailable_message(reason)) from ConnectionError(reason)
+    # Without the hub, a cached copy is loaded as HF_HUB_OFFLINE=1 would, with no retries first.
+    serve = hub_offline() if reason else contextlib.nullcontext()
     try:
-        model = open_clip.create_model_from_pretrained(name, device=device, return_transform=False)
-        tokenizer = open_clip.get_tokenizer(name)
+        with serve, quiet_hub_retries():
+            model = open_clip.create_model_from_pretrained(
+                name, device=device, return_transform=False
+            )
+            tokenizer = open_clip.get_tokenizer(name)
     except Exception as err:
         raise BackboneUnavailableError(_unavailable_message()) from err
     return _wrap(spec, model, tokenizer, device)
@@ -384,9 +391,15 @@ def save_local_copy(
 
     target = Path(directory).expanduser().absolute()
     if source.startswith(_HUB_PREFIX):
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
         from open_clip.pretrained import download_pretrained_from_hf
 
+        reason = unreachable(constants.ENDPOINT)
+        if reason:
+            raise BackboneUnavailableError(
+                f"{source} cannot be downloaded here: {reason}; run this command on a machine "
+                "with network and copy the folder over."
+            )
         repo = source[len(_HUB_PREFIX) :]
         config_path = Path(hf_hub_download(repo, "open_clip_config.json"))
         checkpoint = Path(download_pretrained_from_hf(repo))

@@ -26,6 +26,7 @@ from fedprompt.data.image_set import DataError, DatasetNotFoundError, resolve_ro
 from fedprompt.data.medmnist_reader import download_medmnist
 from fedprompt.data.synthetic import DEFAULT_ROOT as SYNTHETIC_ROOT
 from fedprompt.data.synthetic import generate_synthetic
+from fedprompt.network import offline_requested, quiet_hub_retries, unreachable
 
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -91,8 +92,20 @@ def download_biomedcoop(dir_name: str, root: Path) -> Path:
         DatasetNotFoundError: If the zip or the split file cannot be fetched.
         DataError: On a checksum mismatch or an archive without the expected images.
     """
+    from huggingface_hub import constants
+
     paths = BiomedCoOpPaths(root, dir_name)
     steps = f"place it by hand: {manual_steps(dir_name, root)}."
+    # Offline, say so in seconds rather than after the hub's retries (offline_requested: the hub
+    # itself then fails at once).
+    if not paths.image_dir.is_dir() and not offline_requested():
+        reason = unreachable(constants.ENDPOINT)
+        if reason:
+            raise DatasetNotFoundError(
+                f"Downloading {dir_name}.zip from the Hugging Face dataset repository "
+                f"{HF_REPO_ID} is not possible: {reason}; check the connection and retry, or "
+                f"{steps}"
+            )
     paths.dataset_dir.mkdir(parents=True, exist_ok=True)
     split_error: Exception | None = None
     if not paths.split_file.is_file():
@@ -165,20 +178,22 @@ def fetch_hub_zip(dir_name: str, root: Path, steps: str) -> Path:
 
     filename = f"{dir_name}.zip"
     try:
-        local = Path(
-            huggingface_hub.hf_hub_download(
-                repo_id=HF_REPO_ID,
-                repo_type="dataset",
-                filename=filename,
-                local_dir=root / ".downloads",
+        with quiet_hub_retries():
+            local = Path(
+                huggingface_hub.hf_hub_download(
+                    repo_id=HF_REPO_ID,
+                    repo_type="dataset",
+                    filename=filename,
+                    local_dir=root / ".downloads",
+                )
             )
-        )
     except Exception as err:
         raise DatasetNotFoundError(
             f"Downloading {filename} from the Hugging Face dataset repository {HF_REPO_ID} "
             f"failed ({type(err).__name__}: {err}); check the connection and retry, or {steps}"
         ) from err
-    expected = hub_sha256(filename)
+    with quiet_hub_retries():
+        expected = hub_sha256(filename)
     actual = sha256_file(local)
     if actual != expected:
         aside = local.with_name(f"{local.name}.sha256-mismatch")

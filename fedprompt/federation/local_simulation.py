@@ -26,7 +26,7 @@ import tomli_w
 from omegaconf import DictConfig
 
 from fedprompt.federation.run_config import default_run_config, overrides_to_run_config
-from fedprompt.terminal import FlowerOutput
+from fedprompt.terminal import INTERRUPTED, FlowerOutput
 
 APP_PYPROJECT = """[build-system]
 requires = ["hatchling"]
@@ -329,9 +329,10 @@ def simulate(
                 if flower_log is None:
                     return subprocess.run(command, env=env, check=False).returncode
                 flower_log.parent.mkdir(parents=True, exist_ok=True)
+                sites, rounds = int(cfg.federation.num_sites), int(cfg.federation.rounds)
                 print(
-                    f"fedprompt: {experiment} on Flower's simulation engine, "
-                    f"{cfg.federation.num_sites} sites, {cfg.federation.rounds} rounds; "
+                    f"fedprompt: {experiment} on Flower's simulation engine, {sites} site"
+                    f"{'s' * (sites != 1)}, {rounds} round{'s' * (rounds != 1)}; "
                     f"Flower's log: {flower_log}",
                     flush=True,
                 )
@@ -344,4 +345,4 @@ def simulate(
                 f"Continue from the last completed round with resume={cfg.output_dir}.",
                 file=sys.stderr,
             )
-            return 130
+            return INTERRUPTED
