@@ -24,11 +24,17 @@ INTERRUPTED = 130
 
 
 class _UnprintedRecords(logging.Filter):
-    """Passes a record only if no handler between its logger and the root printed it already.
+    """Passes a record that no other handler printed and that does not repeat the one before.
 
     Flower prints its records with a handler on the ``flwr`` logger, huggingface_hub with one on
     ``huggingface_hub``; both propagate to the root, so a root handler would print them again.
+    A warning that two steps of one command log alike (the data layer's, when the CLI reads the
+    data twice before Flower starts) is worth one line.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: tuple[str, int, str] | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         logger: logging.Logger | None = logging.getLogger(record.name)
@@ -37,6 +43,10 @@ class _UnprintedRecords(logging.Filter):
             if any(not isinstance(h, logging.NullHandler) for h in logger.handlers):
                 return False
             logger = logger.parent if logger.propagate else None
+        key = (record.name, record.levelno, record.getMessage())
+        if key == self._last:
+            return False
+        self._last = key
         return True
 
 
@@ -77,7 +87,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RAY_PREFIX = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\)\s*")
 _RAY_REPEATS = re.compile(r"\s*\[repeated \d+x across cluster\]\s*$")
 _FLOWER_LINE = re.compile(r"^(?P<level>DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*(?P<msg>.*)$")
-_LIBRARY_LINE = re.compile(r"^(?P<level>WARNING|ERROR|CRITICAL) (?P<logger>fedprompt[\w.]*): ")
+_LIBRARY_ERROR = re.compile(r"^(?:ERROR|CRITICAL) [\w.]+: ")
 _TQDM = re.compile(r"^(?P<desc>[^|]+?):\s+(?P<pct>\d+)%\|.*\|\s*(?P<n>\d+)/(?P<total>\d+)\s+\[")
 _ROUND = re.compile(r"^\[ROUND (?P<round>\d+)/(?P<rounds>\d+)\]$")
 
@@ -85,11 +95,12 @@ _ROUND = re.compile(r"^\[ROUND (?P<round>\d+)/(?P<rounds>\d+)\]$")
 class FlowerOutput:
     """Everything ``flwr run --stream`` prints to a log; to a terminal, the lines a person reads.
 
-    By default the terminal shows fedprompt's lines (``[fedprompt] round r/N | ...``, its
-    warnings and errors), Flower's errors, the progress of long steps that report it (the
+    By default the terminal shows the ServerApp's ``[fedprompt]`` lines (``round r/N | ...``,
+    its warnings and errors), every error, the progress of long steps that report it (the
     server's feature extraction), and, when nothing has been shown for ``heartbeat_s``, which
     round is running and for how long (each site encodes its images in its first round, out of
-    sight in its Ray actor). ``verbose`` shows everything as it comes.
+    sight in its Ray actor). Library warnings stay in the log: the CLI has printed those about
+    the data already, before Flower started. ``verbose`` shows everything as it comes.
 
     Args:
         log: Receives every character, as it comes.
@@ -184,8 +195,7 @@ class FlowerOutput:
             return
         line = _FLOWER_LINE.match(text)
         if line is None:
-            library = _LIBRARY_LINE.match(text)
-            if library:
+            if _LIBRARY_ERROR.match(text):  # from print_unprinted_records' handler
                 self._show(text)
             return
         level, message = line["level"], line["msg"].strip()

@@ -88,10 +88,12 @@ def test_fedprompt_simulate_runs_through_flower(tmp_path):
     assert summary["experiment"] == "quickstart"
 
 
-def _simulate(cwd: Path, overrides: list[str]) -> None:
+def _simulate(cwd: Path, overrides: list[str]) -> str:
+    """Run the quickstart through the CLI; returns what it printed."""
     command = [sys.executable, "-m", "fedprompt.cli", "simulate", "quickstart", *overrides]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
 
 
 def _lines_without_time(folder: Path) -> list[dict]:
@@ -105,10 +107,17 @@ def test_resume_through_flower_ends_as_the_uninterrupted_run(tmp_path):
     common = ["strategy=fedadam", "federation.num_sites=2", "train.local_epochs=1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _simulate(tmp_path, [*common, "federation.rounds=2", f"output_dir={straight}"])
-    _simulate(tmp_path, [*common, "federation.rounds=1", f"output_dir={resumed}"])
-    _simulate(
-        tmp_path, [*common, "federation.rounds=2", f"output_dir={resumed}", f"resume={resumed}"]
+    quiet = _simulate(tmp_path, [*common, "federation.rounds=1", f"output_dir={resumed}"])
+    verbose = _simulate(
+        tmp_path,
+        ["--verbose", *common, "federation.rounds=2", f"output_dir={resumed}", f"resume={resumed}"],
     )
+    # --verbose shows Flower's own lines as well; by default they are only in flower.log, which
+    # the resumed session appends to.
+    assert "aggregate_train: Received 2 results" not in quiet
+    assert "aggregate_train: Received 2 results" in verbose and "[ROUND 1/1]" in verbose
+    log = (resumed / "flower.log").read_text(encoding="utf-8")
+    assert log.count("aggregate_train: Received 2 results") == 2  # one round in each session
     assert _lines_without_time(resumed) == _lines_without_time(straight)
     ours = torch.load(resumed / "global_state.pt")
     theirs = torch.load(straight / "global_state.pt")

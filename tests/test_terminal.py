@@ -31,6 +31,7 @@ STREAM = (
     "/venv/ray/_private/worker.py:2051: FutureWarning: Tip: In future versions of Ray\n"
     "  warnings.warn(\n"
     f"{ACTOR}WARNING fedprompt.data.feature_cache: Feature cache /c/f cannot be written\n"
+    f"{ACTOR}ERROR fedprompt.data.sites: Image /d/x.png cannot be read\n"
     f"{INFO}aggregate_train: Received 3 results and 0 failures\n"
     f"{INFO}[fedprompt] round 1/2 | train loss 1.3836 (3 sites) | 9.1 s\n"
     f"{WARNING}[fedprompt] round 1: site-2 is missing: no reply\n"
@@ -43,7 +44,7 @@ SHOWN = [
     "[fedprompt] results folder: /runs/q",
     "global test features: 100% (2/2)",
     "[fedprompt] before training: central accuracy 30.0%",
-    "WARNING fedprompt.data.feature_cache: Feature cache /c/f cannot be written",
+    "ERROR fedprompt.data.sites: Image /d/x.png cannot be read",
     "[fedprompt] round 1/2 | train loss 1.3836 (3 sites) | 9.1 s",
     "WARNING: [fedprompt] round 1: site-2 is missing: no reply",
     "ERROR: Simulation raised an exception",
@@ -137,7 +138,7 @@ def test_an_interactive_terminal_redraws_one_status_line():
 
 
 # Opacus calls logging.basicConfig() on import; Flower, huggingface_hub and fedprompt's library
-# modules all log. Each record must reach stderr once.
+# modules all log. Each record must reach stderr once, and a repeated warning too.
 ONE_LINE_EACH = """
 import logging
 import fedprompt
@@ -146,6 +147,7 @@ from flwr.common.logger import log
 log(logging.INFO, "flower line")
 log(logging.DEBUG, "flower debug line")
 logging.getLogger("huggingface_hub.utils._http").warning("hub line")
+logging.getLogger("fedprompt.data.feature_cache").warning("library line")
 logging.getLogger("fedprompt.data.feature_cache").warning("library line")
 logging.getLogger("fedprompt.data.feature_cache").info("library detail")
 """
