@@ -157,6 +157,7 @@ def _table(args: argparse.Namespace) -> int:
         base_to_novel=args.base_to_novel,
         base_to_novel_shots=args.base_to_novel_shots,
         seeds=args.seeds,
+        recipe=args.recipe,
     )
     out = _out_folder(args.out, "table")
     try:
@@ -210,6 +211,12 @@ def _add_grid_commands(commands: argparse._SubParsersAction) -> None:
     )
     table.add_argument(
         "--seeds", default="1,2,3", metavar="S,...", help="comma list (default 1,2,3)"
+    )
+    table.add_argument(
+        "--recipe",
+        metavar="NAME",
+        help="configs/recipe choice for the centralized cells only, e.g. paper (the authors' "
+        "training values), to set them beside the papers' numbers",
     )
     table.add_argument(
         "--out", metavar="DIR", help="study folder (default runs/table-<date>-<time>)"

@@ -54,6 +54,9 @@ def compose_config(experiment: str | None = None, overrides: Sequence[str] = ())
 
 @functools.lru_cache(maxsize=16)
 def _compose_cached(experiment: str | None, overrides: tuple[str, ...]) -> DictConfig:
+    # Imported here: fedprompt.recipes reads CONFIG_DIR and ConfigError from this module.
+    from fedprompt.recipes import apply_recipe
+
     if not CONFIG_DIR.is_dir():
         raise ConfigError(
             f"The config folder {CONFIG_DIR} is missing; install fedprompt from a source checkout "
@@ -69,6 +72,7 @@ def _compose_cached(experiment: str | None, overrides: tuple[str, ...]) -> DictC
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=all_overrides)
+        apply_recipe(cfg, all_overrides)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         first_line = str(err).strip().splitlines()[0]

@@ -192,6 +192,8 @@ def train_round(
             ledger,
             seed,
             patch_tokens=views.patch_tokens,
+            server_round=server_round,
+            num_rounds=int(cfg.federation.rounds),
         )
         return learner.trainable_state(), stats
     trainee = ProximalTerm(learner, proximal_mu) if proximal_mu > 0 else learner
@@ -202,6 +204,8 @@ def train_round(
         cfg.train,
         seed,
         patch_tokens=views.patch_tokens,
+        server_round=server_round,
+        num_rounds=int(cfg.federation.rounds),
     )
     return learner.trainable_state(), stats
 

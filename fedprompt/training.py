@@ -12,6 +12,7 @@ import torch
 
 from fedprompt.evaluation.metrics import ClassificationMetrics, classification_metrics
 from fedprompt.learners import Learner
+from fedprompt.lr_schedule import LRSchedule, run_epoch, set_lr
 
 SUPPORTED_INPUTS: tuple[str, ...] = ("views", "patch_tokens")
 """Extra inputs this loop can pass to a learner's ``loss``: all cached views (B, V, D) of each
@@ -83,6 +84,8 @@ def train_local(
     seed: int,
     *,
     patch_tokens: Sequence[torch.Tensor] | None = None,
+    server_round: int = 1,
+    num_rounds: int = 1,
 ) -> TrainStats:
     """Run ``train.local_epochs`` epochs of mini-batch training; returns the mean training loss.
 
@@ -90,7 +93,9 @@ def train_local(
     are cached, feeds one seeded random view per image as ``image_features``; the extras the
     learner lists in ``required_inputs`` are passed to its ``loss`` as keyword arguments. The
     site's features move to the learner's device once, not per step. The optimizer is created
-    afresh each round, as a site receives a new global prompt each round.
+    afresh each round, as a site receives a new global prompt each round; its rate in each epoch
+    is the run's schedule at that epoch (``LRSchedule``), counted from the round number, so round
+    ``r`` continues where round ``r - 1`` stopped, also after a resume.
 
     Args:
         learner: The learner to train.
@@ -100,6 +105,8 @@ def train_local(
         seed: Seed of the batch order and view choice.
         patch_tokens: Per view, patch tokens (N, P, Dp) (any float dtype, on the CPU); needed
             only by learners that list ``patch_tokens``.
+        server_round: This round's number (1-based), which places its epochs in the run.
+        num_rounds: Planned rounds of the run (``federation.rounds``), the schedule's span.
 
     Raises:
         ValueError: No training images, or an input the learner needs is missing.
@@ -118,6 +125,8 @@ def train_local(
     if patch_tokens is not None and len(patch_tokens) != num_views:
         raise ValueError(f"Got patch tokens for {len(patch_tokens)} views but {num_views} views.")
     optimizer = make_optimizer(learner, train_cfg)
+    schedule = LRSchedule.from_config(train_cfg, num_rounds)
+    local_epochs = int(train_cfg["local_epochs"])
     batch_size = int(train_cfg["batch_size"])
     generator = torch.Generator().manual_seed(seed)
     device = learner.backbone.device
@@ -126,7 +135,8 @@ def train_local(
     learner.train()
     losses: list[torch.Tensor] = []
     total = 0.0
-    for _ in range(int(train_cfg["local_epochs"])):
+    for local_epoch in range(local_epochs):
+        set_lr(optimizer, schedule.rate(run_epoch(server_round, local_epoch, local_epochs)))
         order = torch.randperm(count, generator=generator)
         if num_views > 1:
             chosen = torch.randint(num_views, (count,), generator=generator)

@@ -3,19 +3,35 @@
 import csv
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 from fedprompt.cli import main
-from fedprompt.experiments.grid import GridError, PointFailed, value_of
+from fedprompt.config import list_choices
+from fedprompt.experiments.grid import (
+    GridError,
+    Outcome,
+    Point,
+    PointFailed,
+    check_points,
+    value_of,
+)
 from fedprompt.experiments.table import (
+    AVERAGES,
     BASE_TO_NOVEL,
+    BIOMEDCOOP_DATASETS,
     FEW_SHOT,
+    PUBLISHED_COLUMNS,
+    TABLE_METRICS,
     Protocol,
     TableGrid,
+    harmonic,
+    load_published,
     run_table,
     table_grid,
     table_points,
+    table_rows,
 )
 
 GRID = TableGrid(
@@ -27,6 +43,7 @@ GRID = TableGrid(
 # Accuracy of seed 1; seed 2 is 2 points higher. Hand-computed cells below follow from these.
 BASE = {("coop", "central"): 0.50, ("coop", "federated"): 0.40}
 BASE |= {("kgcoop", "central"): 0.60, ("kgcoop", "federated"): 0.46}
+BASE |= {("biomedcoop", "central"): 0.70, ("biomedcoop", "federated"): 0.55}
 
 
 class FakeRuns:
@@ -124,7 +141,7 @@ def test_table_files_hold_mean_and_std_over_seeds(tmp_path, capsys):
     outcomes, md_path, csv_path = run_table("quickstart", GRID, [], tmp_path, runner=runs)
     assert len(outcomes) == 16 and sum(not o.ok for o in outcomes) == 2
     rows = {(r["method"], r["protocol"], r["metric"]): r for r in _read_csv(csv_path)}
-    assert len(rows) == 2 * (1 + 3)
+    assert len(rows) == 2 * (1 + 4)  # accuracy; base, novel, HM of means, HM per seed
 
     coop = rows[("coop", "few_shot", "accuracy")]
     # central: 50% and 52% -> 51.00 ± 1.41; federated: 40% and 42% -> 41.00 ± 1.41
@@ -139,8 +156,15 @@ def test_table_files_hold_mean_and_std_over_seeds(tmp_path, capsys):
     base = rows[("coop", "base_to_novel", "base_accuracy")]
     assert (base["central_mean_pct"], base["shots"]) == ("61.00", "16")
     hm = rows[("coop", "base_to_novel", "harmonic_mean")]
+    # HM of the mean base (61%) and mean novel (41%); no spread of its own.
+    assert float(hm["central_mean_pct"]) == pytest.approx(2 * 61 * 41 / 102, abs=0.005)
+    assert (hm["central_std_pct"], hm["central_n"]) == ("", "2")
     per_seed = [2 * (a + 0.1) * (a - 0.1) / (2 * a) for a in (0.50, 0.52)]
-    assert float(hm["central_mean_pct"]) == pytest.approx(50 * sum(per_seed), abs=0.005)
+    hm_seeds = rows[("coop", "base_to_novel", "harmonic_mean_per_seed")]
+    assert float(hm_seeds["central_mean_pct"]) == pytest.approx(50 * sum(per_seed), abs=0.005)
+    assert hm_seeds["central_std_pct"] != ""
+    # Neither coop nor kgcoop has a published BTMRI number: no paper, no diff.
+    assert (coop["paper_pct"], coop["diff_pts"], coop["paper_source"]) == ("", "", "")
 
     failed = rows[("kgcoop", "few_shot", "accuracy")]
     assert (failed["federated_mean_pct"], failed["federated_std_pct"]) == ("46.00", "")
@@ -150,7 +174,11 @@ def test_table_files_hold_mean_and_std_over_seeds(tmp_path, capsys):
     assert "| method | 1-shot central | 1-shot federated |" in table
     assert "| coop | 51.0 ± 1.4 | 41.0 ± 1.4 |" in table
     assert "| kgcoop | 61.0 ± 1.4 | 46.0 (1 failed) |" in table
-    assert "| method | base central | base federated | novel central | novel federated |" in table
+    heads = "| method | base central | base federated | novel central | novel federated | "
+    assert (
+        heads + "HM central | HM federated | HM per seed central | HM per seed federated |" in table
+    )
+    assert "paper |" not in table and "## Published numbers" not in table
     assert "### Base-to-novel (16 shots)" in table and "## btmri" in table
     assert "3 sites (iid partition" in table  # the quickstart's federation
 
@@ -219,3 +247,167 @@ def test_a_bad_value_stops_the_table_before_its_folder_exists(tmp_path, capsys):
     command = ["table", "quickstart", "--shots", "1", "--seeds", "1", "--out", str(out)]
     assert main([*command, "train.lr=0"]) == 2
     assert "train.lr=0 is not allowed" in capsys.readouterr().err and not out.exists()
+
+
+def _outcome(labels, final):
+    point = Point(name="x", overrides=(), labels=labels, description="x")
+    return Outcome(point, None, {"final": final}, None, 0.0, reused=False)
+
+
+def test_hm_is_the_harmonic_mean_of_the_mean_base_and_novel():
+    grid = TableGrid(("coop",), ("btmri",), (Protocol(BASE_TO_NOVEL, 16),), (1, 2))
+    labels = {"dataset": "btmri", "method": "coop", "protocol": BASE_TO_NOVEL, "shots": 16}
+    outcomes = []
+    for seed, (base, novel) in ((1, (0.9, 0.1)), (2, (0.1, 0.9))):
+        hm = 2 * base * novel / (base + novel)  # 0.18 in both seeds
+        final = {"base_accuracy": base, "novel_accuracy": novel, "harmonic_mean": hm}
+        outcomes.append(_outcome({**labels, "setting": "central", "seed": seed}, final))
+    rows = {row.metric: row for row in table_rows(grid, outcomes)}
+    # Means over seeds: base 50%, novel 50%, so the HM of the means is 50%; each seed's HM is 18%.
+    assert rows["harmonic_mean"].cells["central"].stats() == (pytest.approx(50.0), None)
+    assert rows["harmonic_mean"].cells["central"].text() == "50.0"
+    assert rows["harmonic_mean_per_seed"].cells["central"].stats() == (
+        pytest.approx(18.0),
+        pytest.approx(0.0),
+    )
+    assert rows["harmonic_mean"].cells["federated"].text() == "not run"
+    assert harmonic(0.0, 0.0) == 0.0
+
+
+def _published_rows():
+    path = Path(__file__).parents[1] / "fedprompt/experiments/published.csv"
+    with path.open(encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_published_numbers_load_and_name_their_source():
+    rows = _published_rows()
+    assert tuple(rows[0]) == PUBLISHED_COLUMNS and len(rows) >= 60
+    methods, datasets = set(list_choices("method")), {*list_choices("dataset"), *AVERAGES}
+    for row in rows:
+        assert row["paper"] and row["table"] and row["source"], row
+        assert row["method"] in methods and row["dataset"] in datasets, row
+        assert row["protocol"] in TABLE_METRICS and int(row["shots"]) >= 1, row
+        assert row["metric"] in {key for key, _ in TABLE_METRICS[row["protocol"]]}, row
+        assert 0 < float(row["value"]) <= 100, row
+    published = load_published()  # the packaged copy, validated the same way
+    assert len(published) == len(rows)
+    assert published[("average-11", "biomedcoop", FEW_SHOT, 16, "accuracy")].value == 72.42
+    assert published[("average-11", "coop", FEW_SHOT, 1, "accuracy")].value == 50.16
+    assert published[("average-10", "zeroshot", BASE_TO_NOVEL, 16, "harmonic_mean")].value == 53.81
+    btmri_hm = published[("btmri", "biomedcoop", BASE_TO_NOVEL, 16, "harmonic_mean")]
+    assert btmri_hm.value == 89.05 and btmri_hm.source.startswith("https://huggingface.co/")
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("source", "", "no paper or no source"),
+        ("method", "copo", "unknown method 'copo'"),
+        ("protocol", "zero_shot", "unknown protocol 'zero_shot'"),
+        ("shots", "0", "shots '0' is not a positive integer"),
+        ("metric", "harmonic_mean", "metric 'harmonic_mean' is not one of the few_shot"),
+        ("value", "172.4", "value '172.4' is not a percentage"),
+    ],
+)
+def test_a_bad_published_row_is_refused_by_its_line(tmp_path, column, value, message):
+    row = {**_published_rows()[0], column: value}
+    path = tmp_path / "published.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, PUBLISHED_COLUMNS)
+        writer.writeheader()
+        writer.writerow(row)
+    with pytest.raises(ValueError, match=f"line 2: {message}"):
+        load_published(path)
+
+
+def test_a_centralized_cell_stands_beside_the_published_number(tmp_path, capsys):
+    grid = TableGrid(
+        ("biomedcoop",), ("btmri",), (Protocol(FEW_SHOT, 1), Protocol(BASE_TO_NOVEL, 16)), (1, 2)
+    )
+    _, md_path, csv_path = run_table("quickstart", grid, [], tmp_path, runner=FakeRuns())
+    rows = {(r["protocol"], r["metric"]): r for r in _read_csv(csv_path)}
+    # Central 1-shot: 70% and 72% -> 71.00; the released BTMRI K=1 score is 65.10.
+    one_shot = rows[(FEW_SHOT, "accuracy")]
+    assert (one_shot["paper_pct"], one_shot["diff_pts"]) == ("65.10", "5.90")
+    assert one_shot["paper_source"] == "https://huggingface.co/TahaKoleilat/BiomedCoOp"
+    hm = rows[(BASE_TO_NOVEL, "harmonic_mean")]  # base 81%, novel 61%
+    assert float(hm["diff_pts"]) == pytest.approx(2 * 81 * 61 / 142 - 89.05, abs=0.005)
+    assert rows[(BASE_TO_NOVEL, "harmonic_mean_per_seed")]["paper_pct"] == ""
+    table = md_path.read_text()
+    assert "| method | 1-shot central | 1-shot paper | 1-shot diff | 1-shot federated |" in table
+    assert "| biomedcoop | 71.0 ± 1.4 | 65.10 | +5.90 | 56.0 ± 1.4 |" in table
+    assert "HM per seed central | HM per seed federated |" in table  # no paper: no columns
+    assert "## Published numbers" in table and "TahaKoleilat/BiomedCoOp" in table
+
+
+def test_the_papers_averages_over_their_datasets_meet_their_published_numbers():
+    datasets = BIOMEDCOOP_DATASETS
+    grid = TableGrid(
+        ("coop",), datasets, (Protocol(FEW_SHOT, 1), Protocol(BASE_TO_NOVEL, 16)), (1,)
+    )
+    outcomes = []
+    for index, dataset in enumerate(datasets):  # dataset i scores 40 + i percent everywhere
+        accuracy = (40 + index) / 100
+        for protocol, shots in ((FEW_SHOT, 1), (BASE_TO_NOVEL, 16)):
+            labels = {"dataset": dataset, "method": "coop", "protocol": protocol, "shots": shots}
+            final = {"accuracy": accuracy, "base_accuracy": accuracy}
+            final |= {"novel_accuracy": accuracy, "harmonic_mean": accuracy}
+            outcomes.append(_outcome({**labels, "setting": "central", "seed": 1}, final))
+    rows = table_rows(grid, outcomes, load_published())
+    by_name = {(row.dataset, row.protocol.name, row.metric): row for row in rows}
+    few_shot = by_name[("average-11", FEW_SHOT, "accuracy")]
+    assert few_shot.cells["central"].stats() == (pytest.approx(45.0), None)  # 40..50
+    assert few_shot.published.value == 50.16 and few_shot.diff() == pytest.approx(-5.16)
+    assert few_shot.cells["federated"].text() == "not run"
+    hm = by_name[("average-10", BASE_TO_NOVEL, "harmonic_mean")]  # BUSI (41) left out
+    assert hm.cells["central"].stats()[0] == pytest.approx((sum(range(40, 51)) - 41) / 10)
+    assert hm.published.value == 67.23
+    assert ("average-10", FEW_SHOT, "accuracy") not in by_name
+    # A dataset short leaves the average undefined rather than averaging fewer.
+    short = table_rows(TableGrid(("coop",), datasets[1:], grid.protocols, (1,)), outcomes)
+    assert not any(row.dataset.startswith("average") for row in short)
+    missing = [o for o in outcomes if o.point.labels["dataset"] != "kvasir"]
+    (average,) = [
+        row
+        for row in table_rows(grid, missing)
+        if row.dataset == "average-11" and row.metric == "accuracy"
+    ]
+    assert average.cells["central"].stats() == (None, None)
+
+
+def test_the_recipe_goes_to_centralized_points_only():
+    grid = TableGrid(("coop",), ("btmri",), (Protocol(FEW_SHOT, 1),), (1,), recipe="paper")
+    central, federated = table_points(grid, ["federation.rounds=2"])
+    assert central.overrides[-3:] == ("federation.num_sites=1", "partition=iid", "recipe=paper")
+    assert value_of(federated.overrides, "recipe") is None
+    without = TableGrid(("coop",), ("btmri",), (Protocol(FEW_SHOT, 1),), (1,))
+    assert all(value_of(p.overrides, "recipe") is None for p in table_points(without, []))
+
+
+def test_a_recipe_table_is_its_own_study(tmp_path, capsys):
+    grid = TableGrid(("coop",), ("btmri",), (Protocol(FEW_SHOT, 1),), (1,), recipe="paper")
+    _, md_path, _ = run_table("quickstart", grid, [], tmp_path, runner=FakeRuns())
+    table = md_path.read_text()
+    assert "--recipe paper" in table and "whole training split under recipe=paper" in table
+    plain = TableGrid(("coop",), ("btmri",), (Protocol(FEW_SHOT, 1),), (1,))
+    with pytest.raises(GridError, match="holds a different study"):
+        run_table("quickstart", plain, [], tmp_path, runner=FakeRuns())
+
+
+def test_an_unknown_recipe_or_a_second_recipe_is_one_sentence(capsys):
+    with pytest.raises(GridError, match="Unknown recipe 'nosuch'; choose from"):
+        table_grid("quickstart", [], shots="1", recipe="nosuch")
+    with pytest.raises(GridError, match="drop the recipe= override"):
+        table_grid("quickstart", ["recipe=paper"], shots="1", recipe="paper")
+    assert main(["table", "quickstart", "--shots", "1", "--recipe", "nosuch"]) == 2
+    assert "Unknown recipe 'nosuch'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    "paper" not in list_choices("recipe"), reason="no configs/recipe/paper.yaml yet"
+)
+def test_the_paper_recipe_composes_for_every_centralized_point():
+    grid = table_grid("quickstart", [], methods="coop", shots="1", seeds="1", recipe="paper")
+    assert grid.recipe == "paper"
+    check_points("quickstart", table_points(grid, []))

@@ -15,6 +15,7 @@ import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from fedprompt.learners import Learner
+from fedprompt.lr_schedule import LRSchedule, run_epoch, set_lr
 from fedprompt.privacy.calibration import steps_per_epoch
 from fedprompt.privacy.ledger import SiteLedger
 from fedprompt.privacy.loss_split import public_loss, resolve_clipping
@@ -98,6 +99,8 @@ def dp_train_local(
     seed: int,
     *,
     patch_tokens: Sequence[torch.Tensor] | None = None,
+    server_round: int = 1,
+    num_rounds: int = 1,
 ) -> DPTrainStats:
     """``fedprompt.training.train_local`` with sample-level DP-SGD (Abadi et al., CCS 2016).
 
@@ -121,6 +124,9 @@ def dp_train_local(
         ledger: The site's ledger for the whole run.
         seed: Seed of the view choice, and of sampling and noise where ``deterministic``.
         patch_tokens: Per view, patch tokens (N, P, Dp), for learners that need them.
+        server_round: This round's number (1-based); with ``num_rounds`` it fixes each epoch's
+            rate on the run's schedule, exactly as ``train_local`` does.
+        num_rounds: Planned rounds of the run (``federation.rounds``).
 
     Raises:
         ValueError: The ledger was planned for another number of records, or the learner has
@@ -189,6 +195,7 @@ def dp_train_local(
             learner, chunk_size=None if chunk is None else int(chunk), **settings
         )
     optimizer = make_optimizer(learner, train_cfg)
+    schedule = LRSchedule.from_config(train_cfg, num_rounds)
     sampler = UniformWithReplacementSampler(
         num_samples=count,
         sample_rate=ledger.sample_rate,
@@ -201,7 +208,8 @@ def dp_train_local(
     loss_sum, sampled = 0.0, 0
     learner.train()
     try:
-        for _ in range(local_epochs):
+        for local_epoch in range(local_epochs):
+            set_lr(optimizer, schedule.rate(run_epoch(server_round, local_epoch, local_epochs)))
             for indices in sampler:
                 rows = torch.as_tensor(indices, dtype=torch.long)
                 views = torch.randint(num_views, (len(rows),), generator=views_generator)
