@@ -118,7 +118,7 @@ class FlowerOutput:
         terminal: TextIO,
         *,
         verbose: bool = False,
-        heartbeat_s: float = 30.0,
+        heartbeat_s: float = 20.0,
         progress_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -170,7 +170,10 @@ class FlowerOutput:
         done, total = self._round
         why = ""
         if done == self._first_round:
-            why = " (a site encodes its images in its first round, unless they are cached)"
+            why = (
+                " (in its first round each site loads the backbone in its Ray actor and encodes "
+                "its images, unless they are cached)"
+            )
         self._show(f"[fedprompt] round {done}/{total} running for {seconds:.0f} s{why}")
 
     def close(self) -> None:

@@ -97,8 +97,8 @@ def test_a_long_silence_says_which_round_runs_and_for_how_long():
     clock.now = 61
     output.tick()
     assert terminal.getvalue().splitlines()[-1] == (
-        "[fedprompt] round 1/5 running for 30 s (a site encodes its images in its first round, "
-        "unless they are cached)"
+        "[fedprompt] round 1/5 running for 30 s (in its first round each site loads the backbone "
+        "in its Ray actor and encodes its images, unless they are cached)"
     )
     output.feed(f"{INFO}[fedprompt] round 1/5 | train loss 1.2\n{INFO}[ROUND 2/5]\n")
     clock.now = 95
