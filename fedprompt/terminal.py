@@ -131,6 +131,7 @@ class FlowerOutput:
         self.interactive = bool(getattr(terminal, "isatty", lambda: False)())
         self._pending = ""
         self._status = False
+        self._serving = False  # the ServerApp has said something
         self._round: tuple[int, int] | None = None
         self._first_round: int | None = None
         self._since = clock()
@@ -164,8 +165,14 @@ class FlowerOutput:
         if self.verbose or now - self._last_shown < self.heartbeat_s:
             return
         seconds = now - self._since
-        if self._round is None:
+        if self._round is None and not self._serving:
             self._show(f"fedprompt: Flower's simulation engine is starting ({seconds:.0f} s)")
+            return
+        if self._round is None:
+            self._show(
+                f"[fedprompt] preparing the first round for {seconds:.0f} s (the server loads the "
+                "data and the backbone and encodes its test images, unless they are cached)"
+            )
             return
         done, total = self._round
         why = ""
@@ -208,6 +215,7 @@ class FlowerOutput:
             self._first_round = self._first_round or self._round[0]
             self._since = self.clock()
         if "[fedprompt]" in message:
+            self._serving = True
             self._show(message if level == "INFO" else f"{level}: {message}")
         elif level in ("ERROR", "CRITICAL"):
             self._show(f"{level}: {message}")

@@ -93,15 +93,22 @@ def test_a_long_silence_says_which_round_runs_and_for_how_long():
     clock.now = 31
     output.tick()
     assert terminal.getvalue() == "fedprompt: Flower's simulation engine is starting (31 s)\n"
+    output.feed(f"{INFO}[fedprompt] results folder: /runs/q\n")
+    clock.now = 62
+    output.tick()
+    assert terminal.getvalue().splitlines()[-1] == (
+        "[fedprompt] preparing the first round for 62 s (the server loads the data and the "
+        "backbone and encodes its test images, unless they are cached)"
+    )
     output.feed(f"{INFO}[ROUND 1/5]\n")
-    clock.now = 61
+    clock.now = 92
     output.tick()
     assert terminal.getvalue().splitlines()[-1] == (
         "[fedprompt] round 1/5 running for 30 s (in its first round each site loads the backbone "
         "in its Ray actor and encodes its images, unless they are cached)"
     )
     output.feed(f"{INFO}[fedprompt] round 1/5 | train loss 1.2\n{INFO}[ROUND 2/5]\n")
-    clock.now = 95
+    clock.now = 126
     output.tick()
     assert terminal.getvalue().splitlines()[-1] == "[fedprompt] round 2/5 running for 34 s"
 

@@ -88,10 +88,14 @@ def _wait_until_gone(deadline: float) -> set[int]:
     return left
 
 
-def kill_tree() -> None:
-    """Freeze every process below this one, then kill them all: none acts after the first."""
+def kill_tree(command_pid: int) -> None:
+    """Freeze every process below this one, then kill them all: none acts after the first.
+
+    The command is named as well: without ``/proc`` (not Linux) it is the one process known.
+    """
     frozen: set[int] = set()
-    while fresh := descendants(os.getpid()) - frozen:  # a fork may race the first pass
+    # A fork may race a pass; the next one finds the child.
+    while fresh := ({command_pid} | descendants(os.getpid())) - frozen:
         _signal(fresh, signal.SIGSTOP)
         frozen |= fresh
     _signal(frozen, signal.SIGKILL)
@@ -117,7 +121,7 @@ def guard(command: Sequence[str], lifeline: int) -> int:
     while True:
         ready, _, _ = select.select([lifeline], [], [], 0.2)
         if ready and not os.read(lifeline, 4096):
-            kill_tree()
+            kill_tree(process.pid)
             return 128 + signal.SIGKILL
         code = _reap(process.pid)
         if code is not None:
