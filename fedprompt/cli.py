@@ -14,6 +14,8 @@ from fedprompt.config import compose_config, list_choices
 from fedprompt.config_schema import check_config, check_site_sizes
 from fedprompt.data.sites import load_splits
 from fedprompt.terminal import FLOWER_LOG, INTERRUPTED
+from fedprompt.text.author_descriptions import author_datasets
+from fedprompt.text.descriptions import AUTHORS, author_descriptions_file
 from fedprompt.user_errors import USER_ERRORS
 
 
@@ -44,7 +46,9 @@ def _simulate(args: argparse.Namespace) -> int:
     check_config(compose_config(args.experiment, list(args.overrides)))
     overrides = _with_output_dir(args.experiment, list(args.overrides))
     cfg = compose_config(args.experiment, overrides)
-    load_splits(cfg)  # a missing or malformed dataset stops here, before Flower starts
+    splits = load_splits(cfg)  # a missing or malformed dataset stops here, before Flower starts
+    if cfg.method.get("descriptions") == AUTHORS:  # so do descriptions not yet downloaded
+        author_descriptions_file(splits.classnames)
     if cfg.federation.mode == "simulation":
         check_site_sizes(cfg, site_train_sizes(cfg))
     flower_log = Path(str(cfg.output_dir)) / FLOWER_LOG
@@ -90,6 +94,18 @@ def _download(args: argparse.Namespace) -> int:
     cfg = compose_config(None, [f"dataset={args.dataset}", f"dataset.root={args.root}"])
     path = download_dataset(OmegaConf.to_container(cfg.dataset, resolve=True), args.root)
     print(f"fedprompt: {args.dataset} is ready in {path}")
+    return 0
+
+
+def _descriptions(args: argparse.Namespace) -> int:
+    from fedprompt.data.registry import DATASETS
+    from fedprompt.text.author_descriptions import download_author_descriptions
+
+    path = download_author_descriptions(args.dataset, DATASETS[args.dataset].classnames or ())
+    print(
+        f"fedprompt: the authors' {args.dataset} descriptions are in {path}; use them with "
+        "method.descriptions=authors"
+    )
     return 0
 
 
@@ -272,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("dataset", choices=list_choices("dataset"))
     download.add_argument("--root", required=True, help="folder that will hold the dataset")
     download.set_defaults(func=_download)
+    descriptions = data.add_parser(
+        "descriptions", help="download the authors' class descriptions into fedprompt's cache"
+    )
+    descriptions.add_argument("dataset", choices=author_datasets())
+    descriptions.set_defaults(func=_descriptions)
 
     site = commands.add_parser("site", help="a hospital's site").add_subparsers(
         dest="action", required=True

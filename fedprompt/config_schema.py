@@ -147,6 +147,10 @@ WHERE_PRESENT: tuple[Rule, ...] = (
     Rule("method.template", str),
     Rule("method.class_specific", bool),
     Rule("method.trim_padding", bool),
+    Rule("method.text_dropout", bool),
+    Rule("method.paired_cosine", bool),
+    Rule("method.renormalize", bool),
+    Rule("method.solver", str, choices=("sgd", "lbfgs")),
     Rule("method.use_descriptions", bool),
     Rule("method.descriptions", str, nullable=True),
     *(
@@ -268,6 +272,18 @@ def _cross_checks(cfg: DictConfig) -> str | None:
             f"method=zeroshot trains nothing, so privacy={privacy} has nothing to protect; use "
             "privacy=none."
         )
+    if _value(cfg, "method.solver") == "lbfgs":
+        if int(federation.num_sites) != 1 or not simulated:
+            return (
+                f"method.solver=lbfgs fits the papers' centralized linear probe on one site's "
+                f"images, but federation.num_sites={federation.num_sites}; set "
+                "federation.num_sites=1 (simulation) or use method.solver=sgd."
+            )
+        if privacy != "none":
+            return (
+                f"method.solver=lbfgs has no differentially private form; use privacy=none or "
+                f"method.solver=sgd with privacy={privacy}."
+            )
     if _group(cfg, "partition") == "pathological":
         classes = _value(cfg, "dataset.classnames")
         per_site = int(cfg.partition.classes_per_site)

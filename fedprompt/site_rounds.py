@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,13 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 from fedprompt.backbones import Backbone, load_backbone
 from fedprompt.config import ConfigError
 from fedprompt.data.features import PROCESS_FEATURE_CACHE, CachedViews, FeatureSettings
-from fedprompt.data.image_set import DatasetSplits
+from fedprompt.data.few_shot import few_shot_indices
+from fedprompt.data.image_set import DatasetSplits, ImageSet
 from fedprompt.data.partition import SitePartition
 from fedprompt.data.protocols import training_splits
 from fedprompt.data.sites import SiteData, load_splits, plan_sites, site_data, site_train_indices
 from fedprompt.evaluation.membership_inference import membership_inference_auc
 from fedprompt.evaluation.metrics import ClassificationMetrics
 from fedprompt.learners import Learner, create_learner
+from fedprompt.learners.linear_probe import LinearProbe
 from fedprompt.privacy.dp_training import dp_train_local
 from fedprompt.privacy.ledger import SiteLedger, load_or_plan_ledger
 from fedprompt.training import ProximalTerm, TrainStats, evaluate, required_inputs, train_local
@@ -173,6 +176,8 @@ def train_round(
     learner = session.learner(global_state)
     if not getattr(learner, "needs_training", True):
         return learner.trainable_state(), TrainStats(0.0, len(session.data.train), 0, 0.0)
+    if isinstance(learner, LinearProbe) and learner.solver == "lbfgs":
+        return fit_probe(session, learner)
     views = session.training_views(patch_tokens="patch_tokens" in required_inputs(learner))
     seed = round_seed(cfg, server_round, site_index)
     torch.manual_seed(seed)
@@ -207,6 +212,45 @@ def train_round(
         server_round=server_round,
         num_rounds=int(cfg.federation.rounds),
     )
+    return learner.trainable_state(), stats
+
+
+def validation_images(cfg: DictConfig) -> ImageSet:
+    """The validation images the papers choose hyperparameters on: ``min(shots, 4)`` per class.
+
+    As in CoOp's and BiomedCoOp's few-shot sampling (all of them with ``train.shots=0``).
+
+    Raises:
+        ConfigError: The dataset has no validation split.
+    """
+    splits, _ = splits_and_plan(cfg)
+    if splits.val is None or len(splits.val) == 0:
+        raise ConfigError(
+            f"dataset={cfg.dataset.name} has no validation split to choose the L-BFGS probe's C "
+            "on; use method.solver=sgd."
+        )
+    shots = int(cfg.train.shots)
+    if shots <= 0:
+        return splits.val
+    return splits.val.subset(few_shot_indices(splits.val.labels, min(shots, 4), int(cfg.seed)))
+
+
+def fit_probe(
+    session: SiteSession, learner: LinearProbe
+) -> tuple[dict[str, torch.Tensor], TrainStats]:
+    """The papers' linear probe: one L-BFGS fit per C on the site's features, C chosen on val.
+
+    The features are the eval-transform ones (no augmentation), as in CLIP's protocol; the
+    round's global state is not used, as the fit starts from scratch. The loss reported is
+    ``1 - validation accuracy`` of the chosen C, there being no training loss to average.
+    """
+    start = time.perf_counter()
+    train_x, train_y = session.features("train")
+    val_x, val_y = PROCESS_FEATURE_CACHE.get(
+        session.backbone, validation_images(session.cfg), feature_settings(session.cfg).batch_size
+    )
+    fit = learner.fit_lbfgs(train_x, train_y, val_x, val_y)
+    stats = TrainStats(1.0 - fit.val_accuracy, len(train_y), 0, time.perf_counter() - start)
     return learner.trainable_state(), stats
 
 

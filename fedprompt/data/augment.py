@@ -17,7 +17,10 @@ from torchvision.transforms import InterpolationMode
 
 @dataclass(frozen=True)
 class AugmentationSettings:
-    """A random resized crop plus horizontal flip, as CoOp and BiomedCoOp train with.
+    """A random resized crop plus horizontal flip, as CoOp's configs train with.
+
+    BiomedCoOp's configs (its CoOp baselines included) list only ``random_resized_crop`` and
+    ``normalize``: they do not flip.
 
     Attributes:
         scale: Range of the crop's area as a fraction of the image's (Dassl's default).

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fedprompt.backbones import Backbone
+from fedprompt.text import PromptTextEncoder
 
 EXTRA_INPUTS: dict[str, str] = {
     "views": "float (B, V, D): L2-normalised features of V cached augmented views of each image",
@@ -72,6 +73,18 @@ class Learner(torch.nn.Module, abc.ABC):
         self.backbone = backbone
         self.classnames = tuple(classnames)
         self._logit_scale = backbone.logit_scale()
+
+    def train(self, mode: bool = True) -> Learner:
+        """Train or eval mode, passed on to the learner's prompt encoders.
+
+        The encoders are plain objects, not submodules; with ``text_dropout`` they run the frozen
+        text tower with dropout during training only.
+        """
+        super().train(mode)
+        for value in vars(self).values():
+            if isinstance(value, PromptTextEncoder):
+                value.training = mode
+        return self
 
     @property
     def num_classes(self) -> int:

@@ -20,7 +20,8 @@ class BiomedCoOp(DescriptionTeacherCoOp):
 
     SCCM pulls each learned class feature towards the mean feature of the class's descriptions;
     KDSP distils from a zero-shot teacher built from the descriptions, after dropping outlying
-    prompt sets with the median/MAD filter (threshold ``tau``). Descriptions are public, so SCCM
+    prompt sets with a z-score filter (threshold ``tau``; the released code's median/MAD step
+    cancels out, see ``prompt_set_mask``). Descriptions are public, so SCCM
     uses no private data (``public_loss``; DP-SGD neither clips nor noises it) and every term
     reaches the context through the class text features; the teacher's filter is computed on the
     whole batch, so the loss is not a sum of per-sample terms, and DP-SGD takes the private

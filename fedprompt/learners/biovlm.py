@@ -73,6 +73,14 @@ class BioVLM(Learner):
         descriptions: The class attributes: a bundled set's name or a JSON file; None picks the
             bundled set covering the classes.
         trim_padding: Run the text tower without the prompts' common trailing padding.
+        paired_cosine: The released trainer's cosine term instead of ours: prompt ``p`` of the
+            bank is paired with attribute ``p`` of every class (attribute ``p mod A`` here, A
+            the attributes per class; the released code needs A = bank_size) and the cosine is
+            taken along the class axis, per embedding coordinate (``CosineSimilarity(dim=1)``
+            on (P, C, D) tensors), eps 1e-7. Off by default: ours compares each prompt's class
+            feature with the class's mean attribute along the embedding, the paper's reading.
+        text_dropout: The authors' quirk: the text tower's dropout active on the prompt path
+            while training, as in their train-mode trainers; off by default, never in eval.
     """
 
     required_inputs = ("views",)
@@ -92,6 +100,8 @@ class BioVLM(Learner):
         cosine_weight: float = 0.5,
         descriptions: str | None = None,
         trim_padding: bool = True,
+        paired_cosine: bool = False,
+        text_dropout: bool = False,
     ) -> None:
         super().__init__(backbone, classnames)
         if bank_size < 1 or not 0 < top_ratio <= 1:
@@ -104,8 +114,14 @@ class BioVLM(Learner):
         self.kd_weight = kd_weight
         self.view_kd_weight = view_kd_weight
         self.cosine_weight = cosine_weight
+        self.paired_cosine = paired_cosine
         self.prompt_encoder = GroupedPromptEncoder(
-            backbone, self.classnames, n_ctx=n_ctx, ctx_init=None, trim=trim_padding
+            backbone,
+            self.classnames,
+            n_ctx=n_ctx,
+            ctx_init=None,
+            trim=trim_padding,
+            text_dropout=text_dropout,
         )
         self.ctx = torch.nn.Parameter(
             torch.stack([self.prompt_encoder.init_context() for _ in range(bank_size)])
@@ -155,11 +171,24 @@ class BioVLM(Learner):
             teacher = self._attribute_teacher(images.unsqueeze(1))
             view_teacher = self._attribute_teacher(views)
         per_prompt = 1.0 / bank.shape[0]
-        cosine = F.cosine_similarity(bank, self.attribute_means.to(bank).unsqueeze(0), dim=-1)
         return (
             F.cross_entropy(routed, labels.to(routed.device))
             + self.entropy_weight * marginal_entropy(kept).mean()
             + self.kd_weight * per_prompt * kl_to_teacher(routed, teacher)
             + self.view_kd_weight * per_prompt * kl_to_teacher(routed, view_teacher)
-            + self.cosine_weight * (1.0 - cosine.mean())
+            + self.cosine_weight * (1.0 - self.attribute_cosine(bank).mean())
         )
+
+    def attribute_cosine(self, bank: torch.Tensor) -> torch.Tensor:
+        """Cosines between the bank's class features (P, C, D) and the class attributes.
+
+        Ours (default): (P, C), each prompt's class feature against the class's mean attribute.
+        ``paired_cosine``: (P, D), the released trainer's pairing of prompt p with attribute p,
+        the cosine taken along the class axis.
+        """
+        if not self.paired_cosine:
+            return F.cosine_similarity(bank, self.attribute_means.to(bank).unsqueeze(0), dim=-1)
+        attributes = self.attribute_bank.to(bank)  # (C, A, D)
+        index = torch.arange(bank.shape[0], device=bank.device) % attributes.shape[1]
+        paired = attributes[:, index].transpose(0, 1)  # (P, C, D)
+        return F.cosine_similarity(bank, paired, dim=1, eps=1e-7)

@@ -29,6 +29,8 @@ class CoCoOp(Learner):
         n_ctx: Number of context vectors.
         ctx_init: Words whose embeddings initialise the context (``n_ctx`` tokens), else random.
         trim_padding: Run the text tower without the prompts' common trailing padding.
+        text_dropout: The authors' quirk: the text tower's dropout active on the prompt path
+            while training, as in their train-mode trainers; off by default, never in eval.
         images_per_pass: Images whose B x C prompts share one text-tower call; bounds memory.
     """
 
@@ -42,6 +44,7 @@ class CoCoOp(Learner):
         n_ctx: int = 4,
         ctx_init: str | None = "a photo of a",
         trim_padding: bool = True,
+        text_dropout: bool = False,
         images_per_pass: int = 64,
     ) -> None:
         super().__init__(backbone, classnames)
@@ -49,7 +52,12 @@ class CoCoOp(Learner):
             raise ValueError(f"images_per_pass must be at least 1, got {images_per_pass}")
         self.images_per_pass = images_per_pass
         self.prompt_encoder = GroupedPromptEncoder(
-            backbone, self.classnames, n_ctx=n_ctx, ctx_init=ctx_init, trim=trim_padding
+            backbone,
+            self.classnames,
+            n_ctx=n_ctx,
+            ctx_init=ctx_init,
+            trim=trim_padding,
+            text_dropout=text_dropout,
         )
         self.ctx = torch.nn.Parameter(self.prompt_encoder.init_context())
         dim, width = backbone.embed_dim, self.prompt_encoder.width

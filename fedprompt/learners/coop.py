@@ -27,6 +27,9 @@ class CoOp(Learner):
         class_specific: One context per class (CoOp's CSC variant) instead of a shared one.
         trim_padding: Run the text tower on the prompts without their common trailing padding
             (same features, far faster for BiomedCLIP's 256-token context).
+        text_dropout: The authors' quirk: their trainers keep the whole model in train mode, so
+            the text tower's dropout is active on the learned-prompt path while training. Off by
+            default (a deterministic frozen tower); never active in eval.
         **hparams: Whatever a subclass left over, handed to ``Learner``, which rejects it naming
             the method actually built (a mistyped key of any CoOp variant's config).
     """
@@ -40,12 +43,18 @@ class CoOp(Learner):
         ctx_init: str | None = "a photo of a",
         class_specific: bool = False,
         trim_padding: bool = True,
+        text_dropout: bool = False,
         **hparams: Any,
     ) -> None:
         super().__init__(backbone, classnames, **hparams)
         self.class_specific = class_specific
         self.prompt_encoder = PromptTextEncoder(
-            backbone, self.classnames, n_ctx=n_ctx, ctx_init=ctx_init, trim=trim_padding
+            backbone,
+            self.classnames,
+            n_ctx=n_ctx,
+            ctx_init=ctx_init,
+            trim=trim_padding,
+            text_dropout=text_dropout,
         )
         self.ctx = torch.nn.Parameter(self.prompt_encoder.init_context(class_specific))
 

@@ -40,13 +40,15 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor)
 
 
 def prompt_set_mask(scores: torch.Tensor, tau: float) -> torch.Tensor:
-    """BiomedCoOp's outlier filter over description prompt sets: which sets the teacher keeps.
+    """BiomedCoOp's z-score filter over description prompt sets: which sets the teacher keeps.
 
-    Each score is standardised with the median and the median absolute deviation (a modified
-    z-score), and the z-scores are standardised again with their mean and standard deviation, as
-    the released code does; sets whose value exceeds ``tau`` in magnitude are dropped. Degenerate
-    statistics (fewer than three sets, zero spread) keep every set, as does a filter that would
-    keep none.
+    Sets whose score lies more than ``tau`` standard deviations from the mean score are dropped.
+    The released code (and the paper's "median/MAD" wording) first standardises the scores with
+    the median and the median absolute deviation, then standardises the result again with its
+    mean and standard deviation; the second, affine step cancels the first, so what filters is
+    the plain z-score. The two steps are kept here to match the released code's degenerate
+    cases: fewer than three sets, or zero MAD or spread, keep every set, as does a filter that
+    would keep none.
 
     Args:
         scores: One score per prompt set (P,).

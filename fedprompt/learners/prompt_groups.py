@@ -38,10 +38,11 @@ class GroupedPromptEncoder(PromptTextEncoder):
         flat_ctx = ctx.reshape(groups * self.num_classes, self.n_ctx, self.width)
         x = torch.cat([prefix, flat_ctx.to(prefix.dtype), suffix], dim=1)
         tokens = self.tokens.repeat(groups, 1)
-        if self.backbone.text_kind == "hf_bert":
-            features = self._tower_hf(x, self.attention_mask.repeat(groups, 1))
-        else:
-            features = self._tower_native(x, tokens)
+        with self.tower_mode():
+            if self.backbone.text_kind == "hf_bert":
+                features = self._tower_hf(x, self.attention_mask.repeat(groups, 1))
+            else:
+                features = self._tower_native(x, tokens)
         return features.reshape(groups, self.num_classes, -1)
 
     def _tower_hf(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -30,6 +31,14 @@ class PromptTextEncoder:
         class_template: What follows the context, ``{}`` being the class name.
         trim: Drop the trailing padding shared by all prompts. Exact (same features) and much
             faster, as BiomedCLIP pads to 256 tokens; ignored where it would not be exact.
+        text_dropout: Run the text tower in train mode (its dropout active) while ``training``
+            is set, as the authors' trainers do: they put their whole model in train mode, so
+            BERT's dropout acts on the learned-prompt path. Off by default: the frozen tower stays
+            deterministic, and in eval the features are always dropout-free.
+
+    Attributes:
+        training: Set by the owning learner's ``train()``/``eval()``; only with ``text_dropout``
+            does it change the forward.
     """
 
     def __init__(
@@ -41,6 +50,7 @@ class PromptTextEncoder:
         ctx_init: str | None = "a photo of a",
         class_template: str = "{}.",
         trim: bool = True,
+        text_dropout: bool = False,
     ) -> None:
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
@@ -49,6 +59,8 @@ class PromptTextEncoder:
         self.backbone = backbone
         self.classnames = tuple(classnames)
         self.n_ctx = n_ctx
+        self.text_dropout = text_dropout
+        self.training = False
         model = backbone.model
         self.pad_id = int(model.text.config.pad_token_id) if backbone.text_kind == "hf_bert" else 0
 
@@ -117,9 +129,27 @@ class PromptTextEncoder:
                 f"({self.num_classes}, {self.n_ctx}, {self.width}), got {tuple(ctx.shape)}"
             )
         x = torch.cat([self.prefix, ctx.to(self.prefix.dtype), self.suffix], dim=1)
-        if self.backbone.text_kind == "hf_bert":
-            return self._encode_hf(x)
-        return self._encode_native(x)
+        with self.tower_mode():
+            if self.backbone.text_kind == "hf_bert":
+                return self._encode_hf(x)
+            return self._encode_native(x)
+
+    @contextlib.contextmanager
+    def tower_mode(self) -> Iterator[None]:
+        """Text tower in train mode during a forward if ``text_dropout`` and ``training`` are set.
+
+        It goes back to eval mode afterwards: the frozen backbone is shared by every site.
+        """
+        if not (self.text_dropout and self.training):
+            yield
+            return
+        model = self.backbone.model
+        tower = model.text if self.backbone.text_kind == "hf_bert" else model.transformer
+        tower.train()
+        try:
+            yield
+        finally:
+            tower.eval()
 
     def _inner_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` without the start/end tokens and padding."""

@@ -10,6 +10,10 @@ JSON file per dataset under ``fedprompt/text/descriptions/``::
 A user may bring a file in that layout or in BiomedCoOp's plain one, ``{"class name": ["sentence",
 ...], ...}`` (``method.descriptions=/path/to/file.json``). Class names match case-insensitively,
 with underscores read as spaces; every class of the run must have at least one sentence.
+
+``method.descriptions=authors`` takes the papers' own 50 LLM sentences per class instead, once
+``fedprompt data descriptions <dataset>`` has put them in fedprompt's cache
+(``author_descriptions.py``); the bundled sentences stay the offline default.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from functools import cache
 from pathlib import Path
 
 DESCRIPTIONS_DIR = Path(__file__).parent / "descriptions"
+AUTHORS = "authors"
+"""The ``method.descriptions`` value that selects the authors' downloaded descriptions."""
 _HINT = "give a file with method.descriptions=/path/to/descriptions.json"
 
 
@@ -139,6 +145,46 @@ def find_bundled_set(classnames: Sequence[str]) -> str | None:
     return next(iter(found)).stem
 
 
+def _covering_file(files: Sequence[Path], classnames: Sequence[str]) -> Path | None:
+    """The file whose classes cover ``classnames``, preferring one that matches them exactly."""
+    wanted = {normalise_classname(name) for name in classnames}
+    covering = None
+    for path in files:
+        have = {normalise_classname(name) for name in read_description_file(path)}
+        if have == wanted:
+            return path
+        if wanted <= have and covering is None:
+            covering = path
+    return covering
+
+
+def author_descriptions_file(classnames: Sequence[str]) -> Path:
+    """The downloaded authors' file that covers ``classnames`` (``method.descriptions=authors``).
+
+    Raises:
+        DescriptionsError: None is downloaded; the message names the command that fetches it.
+    """
+    from fedprompt.text.author_descriptions import author_cache_dir, author_datasets
+
+    found = _covering_file(sorted(author_cache_dir().glob("*.json")), classnames)
+    if found is not None:
+        return found
+    from fedprompt.data.registry import DATASETS
+
+    wanted = {normalise_classname(name) for name in classnames}
+    names = [
+        name
+        for name in author_datasets()
+        if {normalise_classname(c) for c in DATASETS[name].classnames or ()} == wanted
+    ]
+    command = f"fedprompt data descriptions {names[0] if names else '<dataset>'}"
+    raise DescriptionsError(
+        f"method.descriptions=authors needs the authors' descriptions of the classes "
+        f"{list(classnames)}, which are not downloaded in {author_cache_dir()}; run `{command}` "
+        f"(datasets: {', '.join(author_datasets())}) where a connection is available."
+    )
+
+
 def load_descriptions(
     classnames: Sequence[str], source: str | os.PathLike | None = None
 ) -> ClassDescriptions:
@@ -146,8 +192,9 @@ def load_descriptions(
 
     Args:
         classnames: The run's class names, in label order.
-        source: A bundled set's name (``btmri``), a JSON file path, or None to pick the bundled
-            set whose classes cover ``classnames``.
+        source: A bundled set's name (``btmri``), ``"authors"`` (the papers' descriptions,
+            downloaded beforehand), a JSON file path, or None to pick the bundled set whose
+            classes cover ``classnames``.
 
     Raises:
         DescriptionsError: No source covers the classes, or some class has no sentence; the
@@ -162,7 +209,12 @@ def load_descriptions(
             )
         source = found
     bundled = _bundled()
-    path = bundled[str(source)] if str(source) in bundled else Path(source).expanduser()
+    if str(source) == AUTHORS:
+        path = author_descriptions_file(classnames)
+    elif str(source) in bundled:
+        path = bundled[str(source)]
+    else:
+        path = Path(source).expanduser()
     label = str(source)
     by_key: dict[str, tuple[str, ...]] = {}
     for name, items in read_description_file(path).items():
