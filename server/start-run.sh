@@ -83,6 +83,10 @@ overrides=(federation.mode=deployment "federation.num_sites=$sites" "federation.
 [[ "$resume" == 1 ]] && overrides+=("resume=$output")
 overrides+=("${extra[@]}")
 
+# The whole configuration is checked here, before anything is submitted: a bad value is one
+# sentence and exit status 2 (the ServerApp would refuse it too, after starting).
+"$FP_PYTHON" -m fedprompt.cli config "$experiment" "${overrides[@]}" >/dev/null || exit 2
+
 run_config="$(mktemp --suffix=.toml)"
 trap 'rm -f "$run_config"' EXIT
 "$FP_PYTHON" - "$run_config" "$experiment" "$output" "${overrides[@]}" <<'PY'

@@ -482,6 +482,23 @@ def test_an_outsider_with_ca_pem_controls_nothing_an_operator_controls_all(centr
 
 @needs_nginx
 @needs_ssh_keygen
+def test_a_bad_setting_is_refused_before_the_run_is_submitted(centre, tmp_path):
+    runs = centre.run_count()
+    refused = _attempt(
+        centre.scripts(
+            "start-run.sh",
+            *("--app", centre.app, "--output", tmp_path / "out", "--sites", "3"),
+            *("--", "federation.secure_aggregation=true"),  # with the default --min-sites 1
+        ),
+        centre.env,
+    )
+    assert refused.returncode == 2
+    assert "federation.min_sites=1: SecAgg+ sums at least two sites' prompts" in refused.stderr
+    assert centre.run_count() == runs and not (tmp_path / "out").exists()
+
+
+@needs_nginx
+@needs_ssh_keygen
 def test_a_second_key_under_a_registered_name_is_refused(centre, tmp_path):
     keys = tmp_path / "keys"
     for name in ("first", "second"):

@@ -17,6 +17,7 @@ from sites_on_disk import corrupt_one_image, write_site
 
 from fedprompt.config import ConfigError, compose_config
 from fedprompt.config_schema import check_config
+from fedprompt.federation.client_app import app as client_app
 from fedprompt.federation.inprocess_grid import InProcessGrid
 from fedprompt.federation.orchestration import run_federation, secagg_settings
 from fedprompt.federation.run_config import default_run_config
@@ -25,7 +26,7 @@ from fedprompt.federation.run_monitor import RunFailed
 SITES = 3
 
 
-def _run(tmp_path, name, *extra, nodes=None, names=()):
+def _run(tmp_path, name, *extra, nodes=None, names=(), apps=None):
     overrides = [
         "federation.rounds=1",
         f"federation.num_sites={SITES}",
@@ -36,7 +37,7 @@ def _run(tmp_path, name, *extra, nodes=None, names=()):
     cfg = compose_config("quickstart", overrides)
     nodes = nodes or [{"partition-id": i, "num-partitions": SITES} for i in range(SITES)]
     run_config = default_run_config("quickstart") | {"overrides": " ".join(overrides)}
-    grid = InProcessGrid(nodes, run_config, names=names)
+    grid = InProcessGrid(nodes, run_config, names=names, apps=apps)
     summary = run_federation(grid, cfg)
     lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     state = torch.load(tmp_path / name / "global_state.pt")
@@ -240,3 +241,23 @@ def test_a_site_that_requires_secure_aggregation_refuses_a_plain_train_request(t
         names=names,
     )
     assert sorted(lines[0]["aggregated"]) == names
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys"])
+def test_a_site_that_drops_out_before_sharing_its_keys_does_not_halt_the_sum(tmp_path, stage):
+    """Flower 1.41's workflow halts the round here; a hospital offline at the round's start must
+    not stop the others' secure sum."""
+
+    def drops_out(message, context):
+        configs = message.content.config_records.get("secaggplus_configs", {})
+        if configs.get("stage") == stage:
+            raise ConnectionError("the hospital went offline")
+        return client_app(message, context)
+
+    overrides = ["federation.num_sites=4", "federation.secure_aggregation=true"]
+    nodes = [{"partition-id": i, "num-partitions": 4} for i in range(4)]
+    _, summary, lines, _, _ = _run(tmp_path, stage, *overrides, nodes=nodes, apps={3: drops_out})
+    (line,) = lines
+    assert sorted(line["aggregated"]) == ["site-0", "site-1", "site-2"]
+    assert list(line["missing"]) == ["site-3"] and "went offline" in line["missing"]["site-3"]
+    assert summary["status"] == "completed"

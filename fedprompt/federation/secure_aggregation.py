@@ -106,7 +106,7 @@ class SecAggSettings:
 
     def workflow(self) -> SecAggPlusWorkflow:
         """Flower's SecAgg+ workflow with these settings."""
-        return SecAggPlusWorkflow(
+        return DropoutTolerantSecAggPlus(
             num_shares=self.num_shares,
             reconstruction_threshold=self.reconstruction_threshold,
             max_weight=self.max_weight,
@@ -114,6 +114,43 @@ class SecAggSettings:
             quantization_range=self.quantization_range,
             timeout=self.timeout,
         )
+
+
+class DropoutTolerantSecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, forgetting sites that drop out before they share their keys.
+
+    In Flower 1.41 the workflow keeps every site it sampled in the set whose masks the unmask
+    stage removes. A site that failed the setup or key-sharing stage (a hospital offline when
+    the round began) never shared its keys, so no other site holds a share of its secret: the
+    unmask stage then asks the others for shares they do not have, and the whole round halts.
+    Such a site never entered any other site's masks either, so the sum does not need it: after
+    each of those two stages, the sampled set and every neighbourhood keep only the sites that
+    answered. A site that drops out later, after its masks entered the others' vectors, is
+    still removed by the protocol's own reconstruction from the others' shares.
+    """
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        """Flower's setup stage; then only the sites that answered stay in the protocol."""
+        super().setup_stage(grid, context, state)
+        return self._forget_dropped(state)
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        """Flower's key-sharing stage; then only the sites that shared keys stay."""
+        super().share_keys_stage(grid, context, state)
+        return self._forget_dropped(state)
+
+    def _forget_dropped(self, state: Any) -> bool:
+        """Keep only the sites that answered; whether enough remain to go on."""
+        answered = set(state.active_node_ids)
+        if not state.nid_to_neighbours or len(answered) < 2:
+            return False  # nothing sampled, or too few sites left to hide one in a sum
+        state.sampled_node_ids = answered
+        state.nid_to_neighbours = {
+            node: neighbours & answered
+            for node, neighbours in state.nid_to_neighbours.items()
+            if node in answered
+        }
+        return self._check_threshold(state)
 
 
 class _RoundStrategy(LegacyStrategy):
