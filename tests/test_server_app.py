@@ -58,7 +58,7 @@ def test_a_round_without_any_usable_update_fails_the_run(tmp_path):
 def test_fedprompt_simulate_exits_non_zero_on_a_failed_run(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
 
-    def failed_run(experiment, overrides, cfg):
+    def failed_run(experiment, overrides, cfg, **output):
         out.mkdir()
         summary = {"status": "failed", "reason": "Round 1 aggregated no site's update (...)."}
         (out / "summary.json").write_text(json.dumps(summary))
