@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from logging import ERROR, WARNING
 
 import torch
@@ -35,11 +34,6 @@ from fedprompt.federation.site_level_dp import SITE_WEIGHT_KEY, site_level_clipp
 from fedprompt.privacy.dp_training import DPTrainStats
 from fedprompt.site_rounds import privacy_mode
 from fedprompt.user_errors import USER_ERRORS
-
-# Flower prints through its own handler. Without a handler on the root logger, the first library
-# call of logging.warning() (open_clip does this) installs a console handler there, and every
-# Flower line is printed twice.
-logging.getLogger().addHandler(logging.NullHandler())
 
 # SecAgg+ outermost: it must see the train reply exactly as the site's handler made it.
 app = ClientApp(mods=[secure_aggregation_mod, site_level_clipping_mod])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from logging import ERROR
 
 from flwr.app import Context
@@ -13,11 +12,6 @@ from fedprompt.federation.orchestration import run_federation
 from fedprompt.federation.run_config import config_from_run_config
 from fedprompt.federation.run_monitor import RunFailed
 from fedprompt.user_errors import USER_ERRORS
-
-# Flower prints through its own handler. Without a handler on the root logger, the first library
-# call of logging.warning() (open_clip does this) installs a console handler there, and every
-# Flower line is printed twice.
-logging.getLogger().addHandler(logging.NullHandler())
 
 app = ServerApp()
 
