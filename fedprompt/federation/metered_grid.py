@@ -13,7 +13,8 @@ import numpy as np
 from flwr.app import Message, MessageType, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+
+from fedprompt.federation.grid_wrapper import GridWrapper
 
 # fedprompt sites start an error reason with their name: "[hospital-b] Image file ...".
 _NAMED_REASON = re.compile(r"^\[([^\]]+)\] ")
@@ -142,34 +143,14 @@ class RoundTraffic:
     connected: set[int]
 
 
-class MeteredGrid(Grid):
+class MeteredGrid(GridWrapper):
     """Delegates to Flower's Grid and records each round's traffic per node."""
 
     def __init__(self, grid: Grid, sites: SiteDirectory | None = None) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.sites = sites if sites is not None else SiteDirectory()
         self._round: dict[int, SiteTraffic] = {}
         self._connected: set[int] = set()
-
-    def set_run(self, run: Run) -> None:
-        """Delegated to the wrapped grid."""
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """Delegated to the wrapped grid."""
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Delegated to the wrapped grid."""
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         """The connected nodes strategies may sample: not those whose registered name clashes.
@@ -189,14 +170,6 @@ class MeteredGrid(Grid):
         self.sites.learn_nodes(nodes)
         self._connected.update(node.node_id for node in nodes)
         return nodes
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Delegated to the wrapped grid (not metered: strategies use send_and_receive)."""
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Delegated to the wrapped grid."""
-        return self._grid.pull_messages(message_ids)
 
     def _traffic(self, node_id: int) -> SiteTraffic:
         return self._round.setdefault(node_id, SiteTraffic())
@@ -218,9 +191,7 @@ class MeteredGrid(Grid):
         replies = []
         for reply in received:
             node_id = destination.get(reply.metadata.reply_to_message_id)
-            if node_id is None or (
-                not reply.has_error() and reply.metadata.src_node_id != node_id
-            ):
+            if node_id is None or (not reply.has_error() and reply.metadata.src_node_id != node_id):
                 self._unasked(reply)
                 continue
             replies.append(reply)

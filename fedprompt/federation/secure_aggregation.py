@@ -56,7 +56,6 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
-from flwr.proto.node_pb2 import NodeInfo
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -64,9 +63,9 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedprompt.data.site_check import SiteConfigError, load_site_config
+from fedprompt.federation.grid_wrapper import GridWrapper
 from fedprompt.federation.local_site import SITE_CONFIG_KEY
 from fedprompt.federation.validation import BUDGET_EXHAUSTED_KEY
 
@@ -217,7 +216,7 @@ def _fitins(message: Message, settings: SecAggSettings) -> tuple[FitIns, list[st
     return FitIns(parameters=parameters, config=config), keys
 
 
-class SecureAggregationGrid(Grid):
+class SecureAggregationGrid(GridWrapper):
     """A grid whose train round runs Flower's SecAgg+ over the sampled sites.
 
     Args:
@@ -233,45 +232,9 @@ class SecureAggregationGrid(Grid):
         settings: SecAggSettings,
         on_halt: Callable[[Sequence[int], str], None] | None = None,
     ) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.settings = settings
         self.on_halt = on_halt
-
-    def set_run(self, run: Run) -> None:
-        """Delegated to the wrapped grid."""
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """Delegated to the wrapped grid."""
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Delegated to the wrapped grid."""
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Delegated to the wrapped grid."""
-        return self._grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[NodeInfo]:
-        """Delegated to the wrapped grid."""
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Delegated to the wrapped grid."""
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Delegated to the wrapped grid."""
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
