@@ -73,6 +73,18 @@ def uses_stand_in(dataset_cfg: Mapping[str, Any]) -> bool:
     )
 
 
+def dataset_name(cfg: DictConfig) -> str:
+    """What a run's sites train on: the dataset's name, or ``synthetic-<name>`` for the stand-in.
+
+    Unlike ``dataset_config`` it says nothing: the stand-in's warning is given where the data
+    is read.
+    """
+    dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+    assert isinstance(dataset_cfg, dict)
+    name = str(dataset_cfg["name"])
+    return f"synthetic-{name}" if uses_stand_in(dataset_cfg) else name
+
+
 def dataset_config(cfg: DictConfig) -> dict[str, Any]:
     """The dataset section with its root resolved, or the synthetic stand-in where it applies.
 

@@ -27,7 +27,7 @@ from fedprompt.config import ConfigError
 from fedprompt.config_schema import check_config, check_site_sizes
 from fedprompt.data.features import PROCESS_FEATURE_CACHE
 from fedprompt.data.protocols import novel_splits, protocol_name, protocol_report
-from fedprompt.data.sites import dataset_config, load_splits, plan_report
+from fedprompt.data.sites import dataset_name, load_splits, plan_report
 from fedprompt.evaluation.metrics import BaseToNovelMetrics, ClassificationMetrics
 from fedprompt.federation.checkpoint import (
     Checkpoint,
@@ -356,7 +356,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     if mode == "simulation":
         check_site_sizes(cfg, site_train_sizes(cfg))
     secagg = secagg_settings(cfg)
-    dataset = str(dataset_config(cfg)["name"]) if mode == "simulation" else str(cfg.dataset.name)
+    dataset = dataset_name(cfg) if mode == "simulation" else str(cfg.dataset.name)
     results, checkpoint = _open_results(cfg)
     log(INFO, "[fedprompt] results folder: %s", results.path)
     if dataset != str(cfg.dataset.name):
