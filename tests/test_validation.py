@@ -218,7 +218,14 @@ def test_a_site_that_sends_garbage_is_rejected_every_round_and_the_run_completes
     )
     summary = run_federation(grid, compose_config("quickstart", overrides))
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # The record lists exactly the replies that were aggregated, with the counts they sent.
+    sent = {
+        f"site-{r.metadata.src_node_id - 101}": r.content["metrics"]["num-examples"]
+        for r in grid.replies
+        if r.metadata.message_type == MessageType.TRAIN and r.metadata.src_node_id != 102
+    }
     for line in lines:
+        assert line["aggregated"] == sent
         assert list(line["rejected"]) == ["site-1"]
         assert "holds NaN or Inf" in line["rejected"]["site-1"]
         assert line["num_trained"] == 2 and line["missing"] == {}
