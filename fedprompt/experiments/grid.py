@@ -196,25 +196,27 @@ def _describe(identity: Mapping[str, Any]) -> str:
     )
 
 
+def _summary_file(folder: Path) -> dict[str, Any] | None:
+    """A run's ``summary.json`` as written, or None where there is none."""
+    path = folder / "summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def read_summary(folder: Path) -> dict[str, Any] | None:
     """A completed run's ``summary.json``, or None where the run has not completed.
 
     A run that failed also writes one, with ``"status": "failed"``: it counts as not done, so
     repeating the grid runs it again.
     """
-    path = folder / "summary.json"
-    if not path.is_file():
+    summary = _summary_file(folder)
+    if summary is None:
         return None
-    summary = json.loads(path.read_text(encoding="utf-8"))
     return summary if summary.get("status", "completed") == "completed" else None
 
 
 def failure_reason(folder: Path) -> str | None:
     """The reason a run's ``summary.json`` gives for its failure, if it failed."""
-    path = folder / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text(encoding="utf-8"))
+    summary = _summary_file(folder) or {}
     return summary.get("reason") if summary.get("status") == "failed" else None
 
 
