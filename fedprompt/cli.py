@@ -11,11 +11,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fedprompt.config import compose_config, list_choices
-from fedprompt.config_schema import check_config, check_site_sizes
-from fedprompt.data.sites import load_splits
+from fedprompt.config_schema import check_config
 from fedprompt.terminal import FLOWER_LOG, INTERRUPTED
 from fedprompt.text.author_descriptions import author_datasets
-from fedprompt.text.descriptions import AUTHORS, author_descriptions_file
 from fedprompt.user_errors import USER_ERRORS
 
 
@@ -40,17 +38,12 @@ def _with_output_dir(experiment: str, overrides: list[str]) -> list[str]:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedprompt.federation.local_simulation import simulate
-    from fedprompt.site_rounds import site_train_sizes
+    from fedprompt.federation.local_simulation import check_before_flower, simulate
 
     check_config(compose_config(args.experiment, list(args.overrides)))
     overrides = _with_output_dir(args.experiment, list(args.overrides))
     cfg = compose_config(args.experiment, overrides)
-    splits = load_splits(cfg)  # a missing or malformed dataset stops here, before Flower starts
-    if cfg.method.get("descriptions") == AUTHORS:  # so do descriptions not yet downloaded
-        author_descriptions_file(splits.classnames)
-    if cfg.federation.mode == "simulation":
-        check_site_sizes(cfg, site_train_sizes(cfg))
+    check_before_flower(cfg)  # a missing dataset, a too small DP site: before Flower starts
     flower_log = Path(str(cfg.output_dir)) / FLOWER_LOG
     code = simulate(args.experiment, overrides, cfg, flower_log=flower_log, verbose=args.verbose)
     if code == INTERRUPTED:  # simulate has said so, and how to resume

@@ -15,6 +15,7 @@ from flwr.app import MessageType
 from flwr.common import bytes_to_ndarray
 from sites_on_disk import corrupt_one_image, write_site
 
+from fedprompt.cli import main
 from fedprompt.config import ConfigError, compose_config
 from fedprompt.config_schema import check_config
 from fedprompt.federation.client_app import app as client_app
@@ -261,3 +262,10 @@ def test_a_site_that_drops_out_before_sharing_its_keys_does_not_halt_the_sum(tmp
     assert sorted(line["aggregated"]) == ["site-0", "site-1", "site-2"]
     assert list(line["missing"]) == ["site-3"] and "went offline" in line["missing"]["site-3"]
     assert summary["status"] == "completed"
+
+
+def test_secagg_parameters_flower_refuses_stop_the_cli_before_flower_starts(tmp_path, capsys):
+    out = tmp_path / "run"
+    command = ["simulate", "quickstart", "federation.secure_aggregation=true", f"output_dir={out}"]
+    assert main([*command, "federation.secagg.num_shares=2"]) == 2
+    assert "not usable by Flower's SecAgg+" in capsys.readouterr().err and not out.exists()

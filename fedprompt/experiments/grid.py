@@ -25,7 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
 from fedprompt.config import ConfigError, compose_config
-from fedprompt.config_schema import check_config, check_site_sizes
+from fedprompt.config_schema import check_config
 
 STUDY_FILE = "study.json"
 POINT_FILE = "point.json"
@@ -279,16 +279,12 @@ def run_point(experiment: str, overrides: Sequence[str], folder: Path) -> None:
         PointFailed: The config does not compose, the data is missing, or the run stopped.
         KeyboardInterrupt: The run was interrupted (Ctrl-C); the grid stops with it.
     """
-    from fedprompt.data.sites import load_splits
-    from fedprompt.federation.local_simulation import simulate
-    from fedprompt.site_rounds import site_train_sizes
+    from fedprompt.federation.local_simulation import check_before_flower, simulate
     from fedprompt.user_errors import USER_ERRORS
 
     try:
         cfg = compose_config(experiment, overrides)
-        load_splits(cfg)  # a missing dataset fails here, before Flower starts
-        if cfg.federation.mode == "simulation":
-            check_site_sizes(cfg, site_train_sizes(cfg))
+        check_before_flower(cfg)  # a missing dataset fails here, before Flower starts
     except USER_ERRORS as err:
         raise PointFailed(str(err)) from None
     log = folder / FLOWER_LOG

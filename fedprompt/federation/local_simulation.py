@@ -298,6 +298,30 @@ def _stream(command: list[str], env: dict[str, str], output: FlowerOutput) -> in
         output.close()
 
 
+def check_before_flower(cfg: DictConfig) -> None:
+    """What a run needs that can be checked in this process, so it fails before Flower starts.
+
+    The dataset's index, the authors' descriptions where asked for, each simulated site's
+    training set against the privacy settings, and Flower's own checks of the SecAgg+
+    parameters. ``check_config`` has checked the keys themselves.
+
+    Raises:
+        ConfigError, DataError, DescriptionsError: The first problem, in one sentence.
+    """
+    from fedprompt.config_schema import check_site_sizes
+    from fedprompt.data.sites import load_splits
+    from fedprompt.federation.orchestration import secagg_settings
+    from fedprompt.site_rounds import site_train_sizes
+    from fedprompt.text.descriptions import AUTHORS, author_descriptions_file
+
+    splits = load_splits(cfg)
+    if cfg.method.get("descriptions") == AUTHORS:
+        author_descriptions_file(splits.classnames)
+    if cfg.federation.mode == "simulation":
+        check_site_sizes(cfg, site_train_sizes(cfg))
+    secagg_settings(cfg)
+
+
 def simulate(
     experiment: str,
     overrides: Sequence[str],
