@@ -138,6 +138,7 @@ COMMON: tuple[Rule, ...] = (
     Rule("features.num_workers", int, low=0),
     Rule("features.memory_mb", float, low=0),
     Rule("features.patch_tokens_budget_mb", float, low=0),
+    Rule("features.normalization", str, choices=("backbone", "imagenet")),
 )
 
 WHERE_PRESENT: tuple[Rule, ...] = (

@@ -115,8 +115,9 @@ class SiteSession:
     def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen features of the site's ``train`` or ``test`` images under the eval transform."""
         images = self.data.train if split == "train" else self.data.test
+        settings = feature_settings(self.cfg)
         return PROCESS_FEATURE_CACHE.get(
-            self.backbone, images, feature_settings(self.cfg).batch_size
+            self.backbone, images, settings.batch_size, normalization=settings.normalization
         )
 
     def training_views(self, patch_tokens: bool = False) -> CachedViews:
@@ -246,8 +247,12 @@ def fit_probe(
     """
     start = time.perf_counter()
     train_x, train_y = session.features("train")
+    settings = feature_settings(session.cfg)
     val_x, val_y = PROCESS_FEATURE_CACHE.get(
-        session.backbone, validation_images(session.cfg), feature_settings(session.cfg).batch_size
+        session.backbone,
+        validation_images(session.cfg),
+        settings.batch_size,
+        normalization=settings.normalization,
     )
     fit = learner.fit_lbfgs(train_x, train_y, val_x, val_y)
     stats = TrainStats(1.0 - fit.val_accuracy, len(train_y), 0, time.perf_counter() - start)

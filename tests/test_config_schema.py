@@ -3,6 +3,7 @@ allowed range, before anything starts; keys that must agree are checked together
 
 import pytest
 
+from fedprompt.backbones.preprocessing import NORMALIZATIONS
 from fedprompt.cli import main
 from fedprompt.config import ConfigError, compose_config
 from fedprompt.config_schema import COMMON, MIN_DP_RECORDS, check_config, check_site_sizes
@@ -47,6 +48,7 @@ def test_the_shipped_experiments_pass(experiment):
         (["method=ogkd", "method.gamma=1.5"], r"method.gamma=1.5 .* <= 1"),
         (["method=kgcoop", "method.kg_weight=-1"], r"method.kg_weight=-1 .* >= 0"),
         (["dataset=image_folder", "dataset.test_fraction=1"], r"dataset.test_fraction=1 .* < 1"),
+        (["features.normalization=clip"], r"features.normalization=clip .* backbone, imagenet"),
     ],
 )
 def test_an_out_of_range_value_is_one_sentence_naming_key_value_and_range(overrides, message):
@@ -148,3 +150,8 @@ def test_the_cli_refuses_with_status_2_and_writes_no_results_folder(tmp_path, ca
     assert error.startswith("fedprompt: ") and "\n" not in error
     if "privacy.epsilon=1e9" not in overrides:  # the budget needs the sites' sizes: simulate's
         assert main(["config", "quickstart", *overrides]) == 2
+
+
+def test_the_normalization_choices_are_the_feature_pipelines():
+    rule = next(rule for rule in COMMON if rule.key == "features.normalization")
+    assert rule.choices == tuple(NORMALIZATIONS)

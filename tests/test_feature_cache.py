@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
 from PIL import Image
 from torchvision import transforms
 
@@ -161,6 +162,37 @@ def test_changing_the_preprocessing_or_images_invalidates(miniature_backbone, tm
     assert cache.encoded_views == 7 * len(images) + 3
 
 
+def test_imagenet_normalization_reaches_every_view_and_is_cached_apart(
+    miniature_backbone, tmp_path
+):
+    images = _images()
+    cache = FeatureCache(_settings(tmp_path))
+    own, _ = cache.get(miniature_backbone, images)
+    imagenet, _ = cache.get(miniature_backbone, images, normalization="imagenet")
+    assert not torch.allclose(own, imagenet) and cache.encoded_views == 2 * len(images)
+    by_hand = transforms.Compose(
+        [
+            *miniature_backbone.preprocess.transforms[:-1],
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    expected = miniature_backbone.encode_images(
+        torch.stack([by_hand(im) for im, _ in images.with_transform(None)])
+    )
+    torch.testing.assert_close(imagenet, expected.cpu(), rtol=1e-4, atol=1e-5)
+    assert torch.equal(
+        encode_image_set(miniature_backbone, images, normalization="imagenet")[0], imagenet
+    )
+    configured = FeatureCache(_settings(tmp_path, normalization="imagenet"))
+    assert torch.equal(configured.get(miniature_backbone, images)[0], imagenet)  # from disk
+    crops = configured.training_views(
+        miniature_backbone, images, _settings(tmp_path, views=2, normalization="imagenet")
+    )
+    own_crops = configured.training_views(miniature_backbone, images, _settings(tmp_path, views=2))
+    assert not torch.allclose(crops.features, own_crops.features)
+    assert configured.encoded_views == 4 * len(images)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "bit_flip", "stale", "empty"])
 def test_a_damaged_cache_file_is_rebuilt(miniature_backbone, tmp_path, caplog, damage):
     images = _images()
@@ -274,6 +306,9 @@ def test_settings_from_config(tmp_path, monkeypatch):
         FeatureSettings.from_config({"views": 0})
     with pytest.raises(ValueError, match="scale"):
         FeatureSettings.from_config({"augmentation": {"scale": [0.9, 0.2]}})
+    assert FeatureSettings.from_config({"normalization": "imagenet"}).normalization == "imagenet"
+    with pytest.raises(ValueError, match=r"features\.normalization must be one of"):
+        FeatureSettings.from_config({"normalization": "imagnet"})
 
 
 def test_entry_keys_separate_every_part():

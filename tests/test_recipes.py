@@ -74,6 +74,8 @@ def test_augmentation_flips_only_where_the_authors_flip():
     assert list(biomedcoop.augmentation.scale) == [0.08, 1.0]
     assert biovlm.augmentation.hflip
     assert adapter.augmentation.hflip and list(adapter.augmentation.scale) == [0.5, 1.0]
+    assert biovlm.normalization == "imagenet"  # INPUT.PIXEL_MEAN/STD in BioVLM's config
+    assert biomedcoop.normalization == adapter.normalization == "backbone"
 
 
 def test_federated_recipe_is_todays_config():

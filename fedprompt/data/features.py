@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from fedprompt.backbones import Backbone, default_cache_dir
+from fedprompt.backbones.preprocessing import NORMALIZATIONS, eval_transform, preprocess_config
 from fedprompt.data.augment import AugmentationSettings, SeededViewTransform
 from fedprompt.data.feature_cache import FeatureStore, backbone_identity, entry_key
 from fedprompt.data.image_set import ImageSet
@@ -47,6 +48,8 @@ class FeatureSettings:
             alone exceed it reads them memory-mapped from the disk cache instead.
         batch_size: Images per forward pass of the image tower.
         num_workers: DataLoader worker processes that decode images (0: in this process).
+        normalization: ``backbone`` (the backbone's own mean and std) or ``imagenet``; applies
+            to every image the tower sees, training views and test images alike.
     """
 
     cache_dir: Path | None = None
@@ -56,6 +59,7 @@ class FeatureSettings:
     patch_tokens_budget_mb: float = 2048.0
     batch_size: int = 32
     num_workers: int = 0
+    normalization: str = "backbone"
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None) -> FeatureSettings:
@@ -65,7 +69,8 @@ class FeatureSettings:
         turns the disk cache off.
 
         Raises:
-            ValueError: ``views`` or ``batch_size`` below 1, or a negative budget.
+            ValueError: ``views`` or ``batch_size`` below 1, a negative budget, or an unknown
+                normalization.
         """
         section = dict(section or {})
         directory = section.get("cache_dir")
@@ -85,7 +90,13 @@ class FeatureSettings:
             ),
             batch_size=int(section.get("batch_size", cls.batch_size)),
             num_workers=int(section.get("num_workers", cls.num_workers)),
+            normalization=str(section.get("normalization", cls.normalization)),
         )
+        if settings.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"features.normalization must be one of {', '.join(NORMALIZATIONS)}, "
+                f"got {settings.normalization!r}"
+            )
         if settings.views < 1 or settings.batch_size < 1 or settings.num_workers < 0:
             raise ValueError(
                 f"features.views and features.batch_size must be at least 1 and "
@@ -190,14 +201,23 @@ def encode_views(
 
 
 def encode_image_set(
-    backbone: Backbone, images: ImageSet, batch_size: int = 128, progress: str | None = None
+    backbone: Backbone,
+    images: ImageSet,
+    batch_size: int = 128,
+    progress: str | None = None,
+    normalization: str = "backbone",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features (N, D) on the CPU and labels (N,) for ``images``, uncached.
 
-    The backbone's own eval transform is applied, as the papers do at test time.
+    The backbone's eval transform is applied, as the papers do at test time.
     """
     (features,), _ = encode_views(
-        backbone, images, _eval_view(backbone), [0], batch_size=batch_size, progress=progress
+        backbone,
+        images,
+        _eval_view(backbone, normalization),
+        [0],
+        batch_size=batch_size,
+        progress=progress,
     )
     return features, _labels(images)
 
@@ -212,8 +232,8 @@ class _EvalView:
         return self.preprocess(image)
 
 
-def _eval_view(backbone: Backbone) -> ViewMaker:
-    return _EvalView(backbone.preprocess)
+def _eval_view(backbone: Backbone, normalization: str) -> _EvalView:
+    return _EvalView(eval_transform(backbone, normalization))
 
 
 def _labels(images: ImageSet) -> torch.Tensor:
@@ -308,13 +328,19 @@ class FeatureCache:
         images: ImageSet,
         batch_size: int = 128,
         progress: str | None = None,
+        *,
+        normalization: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (N, D) and labels (N,) of ``images`` under the eval transform."""
+        """Features (N, D) and labels (N,) of ``images`` under the eval transform.
+
+        ``normalization`` None means the one this cache was configured with.
+        """
+        make_view = _eval_view(backbone, normalization or self.settings.normalization)
         (features,), _ = self._views(
             backbone,
             images,
-            repr(backbone.preprocess),
-            _eval_view(backbone),
+            repr(make_view.preprocess),
+            make_view,
             [0],
             patch_tokens=False,
             batch_size=batch_size,
@@ -345,10 +371,11 @@ class FeatureCache:
         """
         settings = settings or self.settings
         if settings.views == 1:
-            preprocessing, make_view = repr(backbone.preprocess), _eval_view(backbone)
+            view = _eval_view(backbone, settings.normalization)
+            preprocessing, make_view = repr(view.preprocess), view
         else:
             transform = SeededViewTransform.for_backbone(
-                backbone.model.visual.preprocess_cfg, settings.augmentation
+                preprocess_config(backbone, settings.normalization), settings.augmentation
             )
             preprocessing, make_view = repr(transform), transform
         features, tokens = self._views(

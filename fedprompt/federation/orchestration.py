@@ -177,8 +177,13 @@ def _novel_evaluation(
             "class-agnostic method (or method.class_specific=false) for protocol=base_to_novel."
         )
     learner = build_learner(cfg, backbone, list(novel.classnames))
+    settings = feature_settings(cfg)
     features, labels = PROCESS_FEATURE_CACHE.get(
-        backbone, novel.test, feature_settings(cfg).batch_size, "novel-class test features"
+        backbone,
+        novel.test,
+        settings.batch_size,
+        "novel-class test features",
+        normalization=settings.normalization,
     )
 
     def score(state: dict[str, Any]) -> ClassificationMetrics:
@@ -206,8 +211,13 @@ def _simulation_setup(
         classnames, novel = _novel_evaluation(cfg, backbone, learner)
     central = None
     if cfg.evaluation.central:
+        settings = feature_settings(cfg)
         features, labels = PROCESS_FEATURE_CACHE.get(
-            backbone, splits.test, feature_settings(cfg).batch_size, "global test features"
+            backbone,
+            splits.test,
+            settings.batch_size,
+            "global test features",
+            normalization=settings.normalization,
         )
 
         def central(arrays: ArrayRecord) -> ClassificationMetrics | BaseToNovelMetrics:
