@@ -128,6 +128,7 @@ COMMON: tuple[Rule, ...] = (
     Rule("train.momentum", float, low=0, high=1, high_open=True),
     Rule("train.weight_decay", float, low=0),
     Rule("train.lr_schedule", str, choices=("constant", "cosine")),
+    Rule("train.lr_step", str, choices=("epoch", "batch")),
     Rule("train.warmup_epochs", int, low=0, hint="epochs of the run, counted across rounds"),
     Rule("train.warmup_lr", float, low=0, low_open=True),
     Rule("recipe.name", str, choices=("federated", "paper")),

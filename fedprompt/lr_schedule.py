@@ -7,6 +7,13 @@ follows ``CosineAnnealingLR(T_max=MAX_EPOCH)`` whose count restarts after the wa
 therefore gets ``lr * (1 + cos(pi * t / E)) / 2``. A federated run numbers its epochs across
 rounds, so the rate depends only on the round and the local epoch, never on optimizer state that
 a new round or a resume would lose.
+
+``train.lr_step=batch`` advances the same formula after every batch instead, counting ``w`` and
+``E`` in batches, as the CLIP-Adapter trainer in BiomedCoOp's benchmark does: it builds
+``CosineAnnealingLR(T_max=train_epoch)`` and a one-step warm-up but steps them per batch, so its
+rate falls to 0 within 20 batches and then rises again (period ``2E`` batches; torch's
+recursive form equals the closed form beyond ``T_max``). Step ``k`` of the run is epoch ``e``'s
+batch ``b``: ``k = e * B + b`` with ``B`` the site's batches per epoch.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ import torch
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 """Values of ``train.lr_schedule``."""
 
+STEP_UNITS: tuple[str, ...] = ("epoch", "batch")
+"""Values of ``train.lr_step``: how often the schedule advances."""
+
 
 @dataclass(frozen=True)
 class LRSchedule:
@@ -32,6 +42,8 @@ class LRSchedule:
         warmup_epochs: Leading epochs of the run held at ``warmup_lr``.
         warmup_lr: The warm-up rate (Dassl's ``WARMUP_CONS_LR``).
         total_epochs: Planned epochs of the run: rounds x local epochs (the cosine's period).
+        unit: ``epoch`` (Dassl) or ``batch``: what ``warmup_epochs``, ``total_epochs`` and the
+            argument of ``rate`` count.
     """
 
     lr: float
@@ -39,11 +51,16 @@ class LRSchedule:
     warmup_epochs: int = 0
     warmup_lr: float = 1e-5
     total_epochs: int = 1
+    unit: str = "epoch"
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
             raise ValueError(
                 f"train.lr_schedule must be one of {', '.join(SCHEDULES)}, not {self.kind!r}."
+            )
+        if self.unit not in STEP_UNITS:
+            raise ValueError(
+                f"train.lr_step must be one of {', '.join(STEP_UNITS)}, not {self.unit!r}."
             )
 
     @classmethod
@@ -58,16 +75,27 @@ class LRSchedule:
             warmup_epochs=int(train_cfg.get("warmup_epochs", 0)),
             warmup_lr=float(train_cfg.get("warmup_lr", 1e-5)),
             total_epochs=max(1, num_rounds * int(train_cfg["local_epochs"])),
+            unit=str(train_cfg.get("lr_step", "epoch")),
         )
 
     def rate(self, run_epoch: int) -> float:
-        """The rate of epoch ``run_epoch`` of the run (0-based, counted across rounds)."""
+        """The rate of step ``run_epoch`` of the run (0-based, counted across rounds).
+
+        A step is an epoch, or a batch under ``unit="batch"``.
+        """
         if run_epoch < self.warmup_epochs:
             return self.warmup_lr
         if self.kind == "constant":
             return self.lr
         elapsed = run_epoch - self.warmup_epochs
         return 0.5 * self.lr * (1.0 + math.cos(math.pi * elapsed / self.total_epochs))
+
+
+    def rate_of_batch(self, run_epoch: int, batch: int, batches_per_epoch: int) -> float:
+        """The rate of batch ``batch`` (0-based) of the run's epoch ``run_epoch``."""
+        if self.unit == "epoch":
+            return self.rate(run_epoch)
+        return self.rate(run_epoch * batches_per_epoch + batch)
 
 
 def run_epoch(server_round: int, local_epoch: int, local_epochs: int) -> int:

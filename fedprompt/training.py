@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -93,9 +94,10 @@ def train_local(
     are cached, feeds one seeded random view per image as ``image_features``; the extras the
     learner lists in ``required_inputs`` are passed to its ``loss`` as keyword arguments. The
     site's features move to the learner's device once, not per step. The optimizer is created
-    afresh each round, as a site receives a new global prompt each round; its rate in each epoch
-    is the run's schedule at that epoch (``LRSchedule``), counted from the round number, so round
-    ``r`` continues where round ``r - 1`` stopped, also after a resume.
+    afresh each round, as a site receives a new global prompt each round; its rate at each step
+    is the run's schedule at that epoch, or batch under ``train.lr_step=batch`` (``LRSchedule``),
+    counted from the round number, so round ``r`` continues where round ``r - 1`` stopped, also
+    after a resume.
 
     Args:
         learner: The learner to train.
@@ -135,8 +137,9 @@ def train_local(
     learner.train()
     losses: list[torch.Tensor] = []
     total = 0.0
+    batches_per_epoch = math.ceil(count / batch_size)
     for local_epoch in range(local_epochs):
-        set_lr(optimizer, schedule.rate(run_epoch(server_round, local_epoch, local_epochs)))
+        epoch_of_run = run_epoch(server_round, local_epoch, local_epochs)
         order = torch.randperm(count, generator=generator)
         if num_views > 1:
             chosen = torch.randint(num_views, (count,), generator=generator)
@@ -145,7 +148,8 @@ def train_local(
         order_on_device = order.to(device, non_blocking=True)
         chosen_on_device = chosen.to(device, non_blocking=True)
         first_step = len(losses)
-        for begin in range(0, count, batch_size):
+        for batch, begin in enumerate(range(0, count, batch_size)):
+            set_lr(optimizer, schedule.rate_of_batch(epoch_of_run, batch, batches_per_epoch))
             rows = order_on_device[begin : begin + batch_size]
             extras: dict[str, torch.Tensor] = {}
             if "views" in needs:

@@ -49,6 +49,7 @@ def test_the_shipped_experiments_pass(experiment):
         (["method=kgcoop", "method.kg_weight=-1"], r"method.kg_weight=-1 .* >= 0"),
         (["dataset=image_folder", "dataset.test_fraction=1"], r"dataset.test_fraction=1 .* < 1"),
         (["features.normalization=clip"], r"features.normalization=clip .* backbone, imagenet"),
+        (["train.lr_step=round"], r"train.lr_step=round .* one of epoch, batch"),
     ],
 )
 def test_an_out_of_range_value_is_one_sentence_naming_key_value_and_range(overrides, message):

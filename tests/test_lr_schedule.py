@@ -149,3 +149,63 @@ def test_dp_training_uses_the_same_rate_per_epoch(miniature_backbone, lrs_of_ste
     expected = [schedule.rate(epoch) for epoch in (4, 5) for _ in range(per_epoch)]
     assert lrs_of_steps == pytest.approx(expected, rel=1e-12)
     assert expected[0] == pytest.approx(HAND[4], rel=1e-7)
+
+
+def _stepped_per_batch_by_torch(lr, warmup_lr, period, steps):
+    """The rates of BiomedCoOp's CLIP-Adapter loop: one warm-up batch, then torch's
+    CosineAnnealingLR(T_max=period) stepped after every batch (its recursive form, not ours)."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=period)
+    rates = [warmup_lr]
+    for _ in range(steps - 1):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        cosine.step()
+    return rates
+
+
+BATCH = TRAIN | {"lr_step": "batch"}
+
+
+def test_per_batch_steps_follow_torchs_cosine_beyond_its_period():
+    schedule = LRSchedule.from_config(BATCH | {"local_epochs": 1}, 20)  # period 20 batches
+    reference = _stepped_per_batch_by_torch(0.01, 1e-5, 20, 70)
+    assert [schedule.rate(k) for k in range(70)] == pytest.approx(reference, rel=1e-9, abs=1e-12)
+    assert schedule.rate(21) == pytest.approx(0.0, abs=1e-12)  # the rate reaches 0 ...
+    assert schedule.rate(41) == pytest.approx(0.01)  # ... and rises back within the run
+    with pytest.raises(ValueError, match=r"train\.lr_step"):
+        LRSchedule.from_config(TRAIN | {"lr_step": "round"}, ROUNDS)
+
+
+def test_per_batch_steps_are_counted_across_epochs_and_rounds(miniature_backbone, lrs_of_steps):
+    features, labels = _site(miniature_backbone)
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    train_local(learner, features, labels, BATCH, 0, server_round=3, num_rounds=ROUNDS)
+    schedule = LRSchedule.from_config(BATCH, ROUNDS)
+    # Round 3 holds run epochs 4 and 5, each of two batches: run steps 8 to 11.
+    assert lrs_of_steps == pytest.approx([schedule.rate(k) for k in range(8, 12)], rel=1e-12)
+    assert len(set(lrs_of_steps)) == 4  # a new rate every batch, not every epoch
+
+
+def test_dp_training_steps_per_batch_too(miniature_backbone, lrs_of_steps):
+    features, labels = _site(miniature_backbone)
+    ledger = SiteLedger.plan(
+        target_epsilon=50.0,
+        num_records=len(labels),
+        batch_size=BATCH["batch_size"],
+        rounds=ROUNDS,
+        local_epochs=BATCH["local_epochs"],
+        accountant="rdp",
+        noise_multiplier=1.0,
+    )
+    privacy = {"max_grad_norm": 1.0, "clipping": "auto", "deterministic": True}
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    stats = dp_train_local(
+        learner, features, labels, BATCH, privacy, ledger, 0, server_round=2, num_rounds=ROUNDS
+    )
+    per_epoch = stats.steps // BATCH["local_epochs"]
+    schedule = LRSchedule.from_config(BATCH, ROUNDS)
+    first = 2 * per_epoch  # round 2 starts at run epoch 2
+    expected = [schedule.rate(k) for k in range(first, first + stats.steps)]
+    assert lrs_of_steps == pytest.approx(expected, rel=1e-12)

@@ -7,7 +7,13 @@ from fedprompt.config import CONFIG_DIR, ConfigError, compose_config, list_choic
 from fedprompt.config_schema import check_config
 from fedprompt.recipes import recipe_values
 
-DASSL = {"weight_decay": 5e-4, "momentum": 0.9, "lr_schedule": "cosine", "warmup_epochs": 1}
+DASSL = {
+    "weight_decay": 5e-4,
+    "momentum": 0.9,
+    "lr_schedule": "cosine",
+    "warmup_epochs": 1,
+    "lr_step": "epoch",
+}
 
 # Written by hand from the authors' files (HealthX-Lab/BiomedCoOp configs/trainers/<Method>/...,
 # tientrandinh/OGKD configs/trainers/OGKD/..., mainaksingha01/BioVLM configs/trainers/biomed.yaml,
@@ -43,7 +49,8 @@ PAPER = {
     ("cocoop", "base_to_novel", "btmri"): (0.001, 1, 10, DASSL, {"n_ctx": 4}),
     ("clip_adapter", "few_shot", "btmri"): (
         0.01, 32, 20,
-        {"weight_decay": 0.0, "momentum": 0.0, "lr_schedule": "cosine", "warmup_epochs": 1},
+        {"weight_decay": 0.0, "momentum": 0.0, "lr_schedule": "cosine", "warmup_epochs": 1,
+         "lr_step": "batch"},
         {"ratio": 0.5},
     ),
     ("biovlm", "few_shot", "btmri"): (0.002, 32, 50, DASSL, {"n_ctx": 4}),
@@ -95,6 +102,7 @@ def test_federated_recipe_is_todays_config():
         "lr_schedule": "constant",
         "warmup_epochs": 0,
         "warmup_lr": 1e-5,
+        "lr_step": "epoch",
     }
     assert default.features.views == 1 and default.federation.rounds == 10
 

@@ -208,9 +208,11 @@ def dp_train_local(
     loss_sum, sampled = 0.0, 0
     learner.train()
     try:
+        batches_per_epoch = steps_per_epoch(ledger.sample_rate)
         for local_epoch in range(local_epochs):
-            set_lr(optimizer, schedule.rate(run_epoch(server_round, local_epoch, local_epochs)))
-            for indices in sampler:
+            epoch_of_run = run_epoch(server_round, local_epoch, local_epochs)
+            for batch, indices in enumerate(sampler):
+                set_lr(optimizer, schedule.rate_of_batch(epoch_of_run, batch, batches_per_epoch))
                 rows = torch.as_tensor(indices, dtype=torch.long)
                 views = torch.randint(num_views, (len(rows),), generator=views_generator)
                 rows_on_device, views_on_device = rows.to(device), views.to(device)
