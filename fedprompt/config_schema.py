@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.config import ConfigError
+from fedprompt.data.acquisition import ACQUISITIONS
 from fedprompt.privacy.calibration import (
     check_budget_reachable,
     default_delta,
@@ -132,6 +133,11 @@ COMMON: tuple[Rule, ...] = (
     Rule("train.warmup_epochs", int, low=0, hint="epochs of the run, counted across rounds"),
     Rule("train.warmup_lr", float, low=0, low_open=True),
     Rule("recipe.name", str, choices=("federated", "paper")),
+    Rule(
+        "personalization.name",
+        str,
+        choices=("none", "local_only", "finetune", "promptfolio", "fedpgp"),
+    ),
     Rule("evaluation.central", bool),
     Rule("evaluation.membership_inference", bool),
     Rule("features.views", int, low=1),
@@ -194,6 +200,8 @@ WHERE_PRESENT: tuple[Rule, ...] = (
     Rule("dataset.download", bool),
     Rule("dataset.synthetic_fallback", bool),
     Rule("dataset.classnames", list, nullable=True),
+    Rule("dataset.manifest", str),
+    Rule("partition.acquisition", str, choices=ACQUISITIONS),
 )
 """Rules for keys only some group files have; a key that is absent is not checked."""
 
@@ -219,6 +227,13 @@ BY_GROUP: dict[tuple[str, str], tuple[Rule, ...]] = {
         Rule("privacy.delta", float, low=0, high=1, low_open=True, high_open=True),
         Rule("privacy.side", str, choices=("server", "client")),
     ),
+    ("personalization", "finetune"): (Rule("personalization.local_epochs", int, low=1),),
+    ("personalization", "promptfolio"): (Rule("personalization.mix", float, low=0, high=1),),
+    ("personalization", "fedpgp"): (
+        Rule("personalization.rank", int, low=1),
+        Rule("personalization.weight", float, low=0),
+        Rule("personalization.temperature", float, low=0, low_open=True),
+    ),
     ("strategy", "fedprox"): (Rule("strategy.proximal_mu", float, low=0),),
     ("strategy", "trimmed_mean"): (Rule("strategy.beta", float, low=0, high=0.5, high_open=True),),
     ("strategy", "fedadam"): (
@@ -229,6 +244,11 @@ BY_GROUP: dict[tuple[str, str], tuple[Rule, ...]] = {
         Rule("strategy.tau", float, low=0, low_open=True),
     ),
 }
+
+CONTEXT_METHODS = ("coop", "kgcoop", "prograd", "biomedcoop", "ogkd", "vmfcoop")
+"""Methods with one learned CoOp context, into which a personalization splices a site's own."""
+CONTEXT_SCHEMES = ("promptfolio", "fedpgp")
+"""Personalizations that splice a site's own tensors into the method's context."""
 
 SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam")
 """Strategies that need only the weighted mean of the updates, which SecAgg+ yields."""
@@ -274,6 +294,9 @@ def _cross_checks(cfg: DictConfig) -> str | None:
             f"method=zeroshot trains nothing, so privacy={privacy} has nothing to protect; use "
             "privacy=none."
         )
+    problem = _personalization_problem(cfg)
+    if problem is not None:
+        return problem
     if _value(cfg, "method.solver") == "lbfgs":
         if int(federation.num_sites) != 1 or not simulated:
             return (
@@ -286,6 +309,18 @@ def _cross_checks(cfg: DictConfig) -> str | None:
                 f"method.solver=lbfgs has no differentially private form; use privacy=none or "
                 f"method.solver=sgd with privacy={privacy}."
             )
+    if _group(cfg, "partition") == "natural" and _value(cfg, "dataset.format") != "manifest":
+        return (
+            f"partition=natural takes each image's site from a manifest, but dataset="
+            f"{_group(cfg, 'dataset')} has no site column; use dataset=manifest (a CSV "
+            "path,label,site) or another partition."
+        )
+    if _value(cfg, "partition.acquisition") not in (None, "none") and not simulated:
+        return (
+            f"partition.acquisition={cfg.partition.acquisition} simulates sites that differ in "
+            "acquisition, but in deployment each hospital's images come from its own scanner; "
+            "set partition.acquisition=none."
+        )
     if _group(cfg, "partition") == "pathological":
         classes = _value(cfg, "dataset.classnames")
         per_site = int(cfg.partition.classes_per_site)
@@ -315,11 +350,37 @@ def _cross_checks(cfg: DictConfig) -> str | None:
     return None
 
 
+def _personalization_problem(cfg: DictConfig) -> str | None:
+    """Why the chosen personalization cannot run with the method or privacy, or None."""
+    scheme, method = _group(cfg, "personalization"), _group(cfg, "method")
+    if scheme in ("", "none"):
+        return None
+    if method == "zeroshot" or _value(cfg, "method.solver") == "lbfgs":
+        what = "method=zeroshot" if method == "zeroshot" else "method.solver=lbfgs"
+        return (
+            f"personalization={scheme} needs a prompt each site trains round by round, which "
+            f"{what} does not have; use personalization=none."
+        )
+    if scheme in CONTEXT_SCHEMES and method not in CONTEXT_METHODS:
+        return (
+            f"personalization={scheme} splices each site's own tensors into a CoOp-style "
+            f"context, which method={method} does not have; use one of "
+            f"{', '.join(CONTEXT_METHODS)}, or personalization=local_only or finetune."
+        )
+    if _group(cfg, "privacy") == "dpsgd" and scheme != "finetune":
+        return (
+            f"privacy=dpsgd protects the global prompt only, and personalization={scheme} "
+            "trains a site's own tensors with it; use personalization=finetune or none with "
+            "privacy=dpsgd."
+        )
+    return None
+
+
 def rules_for(cfg: DictConfig) -> tuple[Rule, ...]:
     """The rules that apply: the common ones, its groups' own, and those of keys it holds."""
     chosen = [
         BY_GROUP.get((group, _group(cfg, group)), ())
-        for group in ("partition", "privacy", "strategy")
+        for group in ("partition", "privacy", "strategy", "personalization")
     ]
     present = tuple(
         rule

@@ -31,6 +31,9 @@ from fedprompt.evaluation.membership_inference import membership_inference_auc
 from fedprompt.evaluation.metrics import ClassificationMetrics
 from fedprompt.learners import Learner, create_learner
 from fedprompt.learners.linear_probe import LinearProbe
+from fedprompt.personalization import Personalization, personalization_from_config, split_state
+from fedprompt.personalization.attach import LocalLoss, attach_local_prompt
+from fedprompt.personalization.finetune import FineTune
 from fedprompt.privacy.dp_training import dp_train_local
 from fedprompt.privacy.ledger import SiteLedger, load_or_plan_ledger
 from fedprompt.training import ProximalTerm, TrainStats, evaluate, required_inputs, train_local
@@ -152,6 +155,44 @@ def privacy_mode(cfg: DictConfig) -> str:
     return "none" if section is None else str(section.name)
 
 
+def personalization_for(cfg: DictConfig) -> Personalization:
+    """The run's personalization scheme (``none`` where a config has no such section)."""
+    section = cfg.get("personalization")
+    if section is None:
+        return personalization_from_config(None)
+    settings = OmegaConf.to_container(section, resolve=True)
+    assert isinstance(settings, dict)
+    return personalization_from_config(settings)
+
+
+def local_generator(cfg: DictConfig, site_index: int) -> torch.Generator:
+    """The seeded stream a site's fresh local part is drawn from (the same in every round)."""
+    seed = np.random.SeedSequence([int(cfg.seed), site_index, 1]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(seed))
+
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    """What a site's round produced.
+
+    Attributes:
+        global_state: The tensors that go to the server: the global part only.
+        local_state: The site's own tensors, kept at the site (None: the scheme keeps none).
+        stats: The round's training statistics.
+    """
+
+    global_state: dict[str, torch.Tensor]
+    local_state: dict[str, torch.Tensor] | None
+    stats: TrainStats
+
+
+def _tensors(state: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().clone() if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+        for k, v in state.items()
+    }
+
+
 def train_round(
     cfg: DictConfig,
     site_index: int,
@@ -160,25 +201,37 @@ def train_round(
     *,
     proximal_mu: float = 0.0,
     ledger: SiteLedger | None = None,
-) -> tuple[dict[str, torch.Tensor], TrainStats]:
-    """Train the global prompt on this site's images; return the new trainable state.
+    local_state: Mapping[str, torch.Tensor] | None = None,
+) -> RoundUpdate:
+    """Train the global prompt (and the site's own part) on this site's images.
 
     Patch tokens are cached only when the configured learner's ``required_inputs`` name them; a
     learner with nothing to train (``needs_training`` false) encodes nothing and takes no step.
     With a privacy ``ledger`` the round is sample-level DP-SGD (``dp_train_local``) counted
     against it, and the stats are ``DPTrainStats``; with FedProx's ``proximal_mu`` the learner's
-    loss gets the proximal term.
+    loss gets the proximal term, on the global tensors only.
+
+    Under a personalization scheme ``local_state`` is the site's own part as it last kept it
+    (None before its first round): ``local_only`` trains that copy and returns the global prompt
+    untouched; the context schemes train the global and the local part together and return the
+    global part; the local part comes back in ``RoundUpdate.local_state`` and never leaves.
 
     Raises:
         ConfigError: DP-SGD together with FedProx (the proximal term is not wired into the
             private step).
     """
     session = open_site(cfg, site_index)
+    scheme = personalization_for(cfg)
     learner = session.learner(global_state)
     if not getattr(learner, "needs_training", True):
-        return learner.trainable_state(), TrainStats(0.0, len(session.data.train), 0, 0.0)
+        stats = TrainStats(0.0, len(session.data.train), 0, 0.0)
+        return RoundUpdate(learner.trainable_state(), None, stats)
     if isinstance(learner, LinearProbe) and learner.solver == "lbfgs":
-        return fit_probe(session, learner)
+        state, stats = fit_probe(session, learner)
+        return RoundUpdate(state, None, stats)
+    if not scheme.trains_global and local_state:
+        learner.load_trainable_state(local_state)
+    attach_local_prompt(scheme, learner, local_state, local_generator(cfg, site_index))
     views = session.training_views(patch_tokens="patch_tokens" in required_inputs(learner))
     seed = round_seed(cfg, server_round, site_index)
     torch.manual_seed(seed)
@@ -201,8 +254,11 @@ def train_round(
             server_round=server_round,
             num_rounds=int(cfg.federation.rounds),
         )
-        return learner.trainable_state(), stats
-    trainee = ProximalTerm(learner, proximal_mu) if proximal_mu > 0 else learner
+        return RoundUpdate(learner.trainable_state(), None, stats)
+    shared_keys = list(global_state) if scheme.trains_global else []
+    trainee = ProximalTerm(learner, proximal_mu, shared_keys) if proximal_mu > 0 else learner
+    if scheme.needs_context:
+        trainee = LocalLoss(trainee, learner)
     stats = train_local(
         trainee,  # type: ignore[arg-type]
         views.features,
@@ -213,7 +269,10 @@ def train_round(
         server_round=server_round,
         num_rounds=int(cfg.federation.rounds),
     )
-    return learner.trainable_state(), stats
+    if not scheme.trains_global:
+        return RoundUpdate(_tensors(global_state), learner.trainable_state(), stats)
+    shared, own = split_state(learner.trainable_state())
+    return RoundUpdate(shared, own or None, stats)
 
 
 def validation_images(cfg: DictConfig) -> ImageSet:
@@ -284,37 +343,84 @@ def plan_ledger(
 
 @dataclass(frozen=True)
 class SiteEvaluation:
-    """A site's scores of the global prompt: test metrics, and the membership attack's AUC."""
+    """A site's scores of the global prompt, and of its own under a personalization scheme.
+
+    Attributes:
+        metrics: The global prompt's test metrics.
+        mia_auc: The membership attack's AUC, where asked for.
+        personalized: The site's personalized prompt's test metrics (None without a scheme).
+    """
 
     metrics: ClassificationMetrics
     mia_auc: float | None = None
+    personalized: ClassificationMetrics | None = None
+
+
+def personalized_learner(
+    session: SiteSession,
+    global_state: Mapping[str, torch.Tensor | np.ndarray],
+    local_state: Mapping[str, torch.Tensor] | None,
+) -> Learner:
+    """The prompt this site would use itself, under the run's personalization scheme.
+
+    Its own copy (``local_only``), the global prompt with its local part, or (``finetune``) the
+    global prompt fine-tuned on its own training images. A site that never trained its part (not
+    sampled yet) scores the part it starts from.
+    """
+    scheme = personalization_for(session.cfg)
+    site_index = session.data.index
+    if not scheme.trains_global:
+        return session.learner(local_state or global_state)
+    learner = session.learner(global_state)
+    attach_local_prompt(scheme, learner, local_state, local_generator(session.cfg, site_index))
+    if isinstance(scheme, FineTune):
+        views = session.training_views(patch_tokens="patch_tokens" in required_inputs(learner))
+        settings = OmegaConf.to_container(session.cfg.train, resolve=True)
+        assert isinstance(settings, dict)
+        settings.update(local_epochs=scheme.local_epochs, lr_schedule="constant", warmup_epochs=0)
+        seed = int(
+            np.random.SeedSequence([int(session.cfg.seed), site_index, 2]).generate_state(1)[0]
+        )
+        torch.manual_seed(seed)
+        train_local(learner, views.features, views.labels, settings, seed)
+    return learner
 
 
 def evaluate_session(
-    session: SiteSession, global_state: Mapping[str, torch.Tensor | np.ndarray]
+    session: SiteSession,
+    global_state: Mapping[str, torch.Tensor | np.ndarray],
+    local_state: Mapping[str, torch.Tensor] | None = None,
 ) -> SiteEvaluation:
-    """Score the global prompt on the session's test images.
+    """Score the global prompt, and the site's personalized one, on the session's test images.
 
-    With ``evaluation.membership_inference`` the site also attacks the prompt with a
+    With ``evaluation.membership_inference`` the site also attacks the global prompt with a
     loss-threshold membership inference, its training images as members and its test images as
     non-members; the per-record losses stay here and only the AUC is reported. A site without
     test images has no non-members, so it reports ``num_test=0`` and no attack.
     """
     features, labels = session.features("test")
     learner = session.learner(global_state)
-    metrics = evaluate(learner, features, labels, len(session.data.classnames))
+    num_classes = len(session.data.classnames)
+    metrics = evaluate(learner, features, labels, num_classes)
+    personalized = None
+    if personalization_for(session.cfg).personalized and len(session.data.test):
+        own = personalized_learner(session, global_state, local_state)
+        personalized = evaluate(own, features, labels, num_classes)
     attack_asked = session.cfg.evaluation.get("membership_inference", False)
     if not attack_asked or not len(session.data.test):
-        return SiteEvaluation(metrics)
+        return SiteEvaluation(metrics, personalized=personalized)
     members, member_labels = session.features("train")
     attack = membership_inference_auc(
         learner, members, member_labels, features, labels, seed=int(session.cfg.seed)
     )
-    return SiteEvaluation(metrics, attack.auc)
+    return SiteEvaluation(metrics, attack.auc, personalized)
 
 
 def evaluate_round(
-    cfg: DictConfig, site_index: int, global_state: Mapping[str, torch.Tensor | np.ndarray]
+    cfg: DictConfig,
+    site_index: int,
+    global_state: Mapping[str, torch.Tensor | np.ndarray],
+    local_state: Mapping[str, torch.Tensor] | None = None,
 ) -> SiteEvaluation:
-    """Scores of the global prompt on this site's own test images."""
-    return evaluate_session(open_site(cfg, site_index), global_state)
+    """Scores of the global prompt (and the site's own) on this site's own test images."""
+    return evaluate_session(open_site(cfg, site_index), global_state, local_state)

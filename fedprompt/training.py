@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,17 +209,26 @@ class ProximalTerm(torch.nn.Module):
     """FedProx's site objective (Li et al., MLSys 2020): loss + (mu / 2) * ||w - w_global||^2.
 
     Wraps a learner for ``train_local``: the same parameters, the loss with the proximal term.
+    ``anchored`` names the tensors the term holds near their start (None: every trainable one);
+    a site's personalized tensors are not the global model and are left free.
     """
 
-    def __init__(self, learner: Learner, mu: float) -> None:
+    def __init__(
+        self, learner: Learner, mu: float, anchored: Collection[str] | None = None
+    ) -> None:
         super().__init__()
         self.learner = learner
         self.mu = mu
+        self.anchored = None if anchored is None else frozenset(anchored)
         self.anchor = {name: p.detach().clone() for name, p in self._trainable()}
         self.required_inputs = required_inputs(learner)
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.learner.named_parameters() if p.requires_grad]
+        return [
+            (n, p)
+            for n, p in self.learner.named_parameters()
+            if p.requires_grad and (self.anchored is None or n in self.anchored)
+        ]
 
     @property
     def backbone(self) -> Any:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flower_messages import instruction
 from flwr.app import (
     ArrayRecord,
@@ -18,8 +19,10 @@ from sites_on_disk import corrupt_one_image, write_site
 from fedprompt.config import compose_config
 from fedprompt.federation import client_app
 from fedprompt.federation.inprocess_grid import InProcessGrid
+from fedprompt.federation.local_site import open_node_site
 from fedprompt.federation.orchestration import run_federation
 from fedprompt.federation.run_config import default_run_config
+from fedprompt.personalization.local_store import LocalStore
 from fedprompt.site_rounds import backbone_for, build_learner, splits_and_plan
 
 SHARED = Path(__file__).parents[1] / "../shared/data"
@@ -198,3 +201,95 @@ def test_sites_with_bad_data_drop_out_and_the_federation_continues(tmp_path):
         assert line["sites"]["hospital-a"]["train_loss"] > 0
     assert summary["mode"] == "deployment" and summary["final"]["source"] == "federated"
     assert set(summary["final"]["per_site"]) == {"hospital-a", "hospital-b", "hospital-x"}
+
+
+def _personal_run(tmp_path, scheme, restart_at=None):
+    """Three simulated sites for two rounds under ``scheme``; a SuperNode restart (its node state
+    lost) before round ``restart_at`` if given. Returns the grid and the results folder."""
+    out = tmp_path / "run"
+    overrides = [f"personalization={scheme}", "federation.rounds=2", f"output_dir={out}"]
+    run_config = default_run_config("quickstart") | {"overrides": " ".join(overrides)}
+
+    def restarted(msg, context):
+        is_train = msg.metadata.message_type == MessageType.TRAIN
+        if is_train and int(msg.content["config"]["server-round"]) == restart_at:
+            context.state = RecordDict()  # a new SuperNode process: nothing in memory
+        return client_app.app(msg, context)
+
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    grid = InProcessGrid(nodes, run_config, apps={i: restarted for i in range(3)})
+    run_federation(grid, compose_config("quickstart", overrides))
+    return grid, out
+
+
+def _sent(grid, message_type):
+    """The tensors each node sent, by (its k-th reply, node): nodes answer in any order."""
+    sent: dict[tuple[int, int], dict] = {}
+    for reply in grid.replies:
+        if not reply.has_error() and reply.metadata.message_type == message_type:
+            node = reply.metadata.src_node_id
+            k = sum(1 for _, known in sent if known == node)
+            sent[k, node] = reply.content["arrays"].to_torch_state_dict()
+    return sent
+
+
+def test_a_restarted_supernode_takes_its_local_part_from_its_disk(tmp_path):
+    straight_grid, straight = _personal_run(tmp_path / "a", "promptfolio")
+    restarted_grid, restarted = _personal_run(tmp_path / "b", "promptfolio", restart_at=2)
+    assert restarted_grid.contexts[101].state.array_records  # kept again after the restart
+    for site in range(3):
+        ours = LocalStore(restarted / f"sites/site-{site}/personalization/run").latest(2)[1]
+        theirs = LocalStore(straight / f"sites/site-{site}/personalization/run").latest(2)[1]
+        assert torch.equal(ours["personal.ctx"], theirs["personal.ctx"])
+    ours, theirs = _sent(restarted_grid, MessageType.TRAIN), _sent(straight_grid, MessageType.TRAIN)
+    assert ours.keys() == theirs.keys() and len(ours) == 6
+    assert all(torch.equal(ours[key]["ctx"], theirs[key]["ctx"]) for key in ours)
+    assert (
+        json.loads((restarted / "summary.json").read_text())["final"]
+        == json.loads((straight / "summary.json").read_text())["final"]
+    )
+
+
+def test_the_newest_local_part_wins_between_node_state_and_disk(tmp_path, context):
+    cfg = compose_config("quickstart", [f"output_dir={tmp_path}"])
+    site = open_node_site(cfg, context.node_config)
+    assert client_app.local_state(site, context, 5) is None
+    client_app.keep_local_state(site, context, 2, {"personal.ctx": torch.full((2,), 2.0)})
+    site.local_store(context.run_id).save(3, {"personal.ctx": torch.full((2,), 3.0)})
+    assert float(client_app.local_state(site, context, 5)["personal.ctx"][0]) == 3.0  # disk
+    assert float(client_app.local_state(site, context, 2)["personal.ctx"][0]) == 2.0
+    client_app.keep_local_state(site, context, 4, {"personal.ctx": torch.full((2,), 4.0)})
+    site.local_store(context.run_id).directory.joinpath("round-4.safetensors").unlink()
+    assert float(client_app.local_state(site, context, 5)["personal.ctx"][0]) == 4.0  # memory
+    assert client_app.local_state(site, context, 1) is None
+
+
+def test_local_only_sends_back_the_global_prompt_it_received(tmp_path):
+    grid, out = _personal_run(tmp_path, "local_only")
+    cfg = compose_config("quickstart", [])
+    initial = build_learner(cfg, backbone_for(cfg), list(cfg.dataset.classnames)).trainable_state()
+    sent = _sent(grid, MessageType.TRAIN)
+    assert len(sent) == 6
+    for (k, _), state in sent.items():
+        if k == 0:  # round 1: each site returns exactly the initial prompt it received
+            assert torch.equal(state["ctx"], initial["ctx"])
+        # Averaging equal prompts moves them by rounding only.
+        torch.testing.assert_close(state["ctx"], initial["ctx"], rtol=0, atol=1e-6)
+    final = torch.load(out / "global_state.pt")["ctx"]
+    torch.testing.assert_close(final, initial["ctx"], rtol=0, atol=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    per_site = summary["final"]["per_site"]
+    total = sum(site["num_test"] for site in per_site.values())
+    weighted = sum(s["personalized_accuracy"] * s["num_test"] for s in per_site.values()) / total
+    assert summary["final"]["personalized_accuracy"] == pytest.approx(weighted)
+    kept = LocalStore(out / "sites/site-0/personalization/run").latest(2)[1]
+    assert set(kept) == {"ctx"} and not torch.equal(kept["ctx"], initial["ctx"])
+
+
+def test_finetune_scores_a_fine_tuned_copy_and_keeps_nothing(tmp_path):
+    grid, out = _personal_run(tmp_path, "finetune")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["personalization"] == {"name": "finetune", "local_epochs": 2}
+    assert summary["final"]["personalized_accuracy"] is not None
+    assert not (out / "sites/site-0/personalization").exists()
+    assert not any(ctx.state.array_records for ctx in grid.contexts.values())

@@ -16,6 +16,11 @@ from fedprompt.site_rounds import backbone_for, build_learner, splits_and_plan, 
 CLASSES = ["glioma tumor", "meningioma tumor", "pituitary tumor", "normal brain"]
 
 
+def _update(update):
+    """A round's ``(global tensors, stats)``."""
+    return update.global_state, update.stats
+
+
 def _clusters(dim, per_class, num_classes, seed, spread=0.3):
     """L2-normalised features around one random centre per class; labels in class order."""
     generator = torch.Generator().manual_seed(seed)
@@ -104,8 +109,8 @@ def test_a_site_round_fits_the_probe_once_on_its_features(tmp_path, monkeypatch)
     splits, _ = splits_and_plan(cfg)
     start = build_learner(cfg, backbone_for(cfg), list(splits.classnames)).trainable_state()
     monkeypatch.setattr(site_rounds, "train_local", pytest.fail)  # no SGD epochs
-    state, stats = train_round(cfg, 0, start, server_round=1)
+    state, stats = _update(train_round(cfg, 0, start, server_round=1))
     assert stats.steps == 0 and 0.0 <= stats.loss <= 1.0
     assert not torch.equal(state["weight"], start["weight"])
-    again, _ = train_round(cfg, 0, start, server_round=2)
+    again, _ = _update(train_round(cfg, 0, start, server_round=2))
     assert torch.equal(again["weight"], state["weight"])  # the fit is deterministic

@@ -1,5 +1,6 @@
 """Nothing private leaves a site: every reply of a run holds only the trainable tensors and
-scalar metrics, and a failing site's reply names no file."""
+scalar metrics (under personalization, the global part only), and a failing site's reply names
+no file."""
 
 import pytest
 from flwr.app import MessageType
@@ -9,6 +10,7 @@ from fedprompt.config import compose_config
 from fedprompt.federation.inprocess_grid import InProcessGrid
 from fedprompt.federation.orchestration import run_federation
 from fedprompt.federation.run_config import default_run_config
+from fedprompt.personalization.local_store import LocalStore
 from fedprompt.site_rounds import backbone_for, build_learner
 
 TRAIN_METRICS = {"num-examples", "train-loss", "train-steps", "train-seconds"}
@@ -19,6 +21,11 @@ def _simulated(tmp_path):
     overrides = ["federation.rounds=2", "train.local_epochs=1", f"output_dir={tmp_path / 'run'}"]
     nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
     return overrides, nodes, [], {"site-index"}
+
+
+def _personalized(tmp_path):
+    overrides, nodes, names, identity = _simulated(tmp_path)
+    return [*overrides, "personalization=promptfolio"], nodes, names, identity
 
 
 def _deployed(tmp_path):
@@ -38,7 +45,11 @@ def _deployed(tmp_path):
     return overrides, nodes, names, set()
 
 
-@pytest.mark.parametrize("setup", [_simulated, _deployed], ids=["simulation", "deployment"])
+@pytest.mark.parametrize(
+    "setup",
+    [_simulated, _deployed, _personalized],
+    ids=["simulation", "deployment", "personalized"],
+)
 def test_every_reply_holds_only_trainable_tensors_and_scalar_metrics(tmp_path, setup):
     overrides, nodes, names, identity = setup(tmp_path)
     cfg = compose_config("quickstart", overrides)
@@ -67,13 +78,18 @@ def test_every_reply_holds_only_trainable_tensors_and_scalar_metrics(tmp_path, s
             for key, array in arrays.items():
                 assert tuple(array.shape) == tuple(trainable[key].shape)
         else:
-            assert set(metrics) == EVALUATE_METRICS | identity
+            personal = {"personalized-accuracy"} if setup is _personalized else set()
+            assert set(metrics) == EVALUATE_METRICS | identity | personal
             assert not content.array_records
         kinds[reply.metadata.message_type] += 1
     # Deployment: hospital-x cannot train (a corrupt training image) but still evaluates.
-    trained = 3 if setup is _simulated else 2
+    trained = 2 if setup is _deployed else 3
     assert kinds == {
         MessageType.TRAIN: 2 * trained,
         MessageType.EVALUATE: 6,
         "error": 6 - 2 * trained,
     }
+    if setup is _personalized:  # each site did train its own part, and kept it
+        for index in range(3):
+            kept = LocalStore(tmp_path / f"run/sites/site-{index}/personalization/run").latest(2)
+            assert kept is not None and set(kept[1]) == {"personal.ctx"}

@@ -114,3 +114,18 @@ def test_a_refused_resume_leaves_the_finished_run_as_it_was(tmp_path):
     with pytest.raises(ConfigError):
         _run(tmp_path, rounds=2, resume=True, extra=["seed=5"])
     assert (tmp_path / "summary.json").read_text() == summary
+
+
+def test_a_resumed_personalized_run_continues_each_site_from_its_own_part(tmp_path):
+    personal = ["personalization=fedpgp", "personalization.rank=2"]
+    _run(tmp_path / "straight", rounds=3, extra=personal)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(ServerStopped):
+        _run(stopped, rounds=3, stop_at=3, extra=personal)
+    # The new grid's nodes start with empty node state: their parts come from their disks.
+    summary = _run(stopped, rounds=3, resume=True, extra=personal)
+    assert _lines(stopped) == _lines(tmp_path / "straight")
+    assert all(line["personalized_accuracy"] is not None for line in _lines(stopped))
+    straight = json.loads((tmp_path / "straight/summary.json").read_text())
+    assert summary["final"] == straight["final"]
+    assert summary["personalization"]["name"] == "fedpgp"

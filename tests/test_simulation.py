@@ -104,7 +104,14 @@ def _lines_without_time(folder: Path) -> list[dict]:
 
 
 def test_resume_through_flower_ends_as_the_uninterrupted_run(tmp_path):
-    common = ["strategy=fedadam", "federation.num_sites=2", "train.local_epochs=1"]
+    # PromptFolio: each resumed Flower run starts its SuperNodes afresh, so every site must find
+    # its own prompt on its disk for the resumed run to equal the uninterrupted one.
+    common = [
+        "strategy=fedadam",
+        "federation.num_sites=2",
+        "train.local_epochs=1",
+        "personalization=promptfolio",
+    ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _simulate(tmp_path, [*common, "federation.rounds=2", f"output_dir={straight}"])
     quiet = _simulate(tmp_path, [*common, "federation.rounds=1", f"output_dir={resumed}"])

@@ -31,6 +31,11 @@ def restore_process_cache():
     PROCESS_FEATURE_CACHE.clear()
 
 
+def _update(update):
+    """A round's ``(global tensors, stats)``."""
+    return update.global_state, update.stats
+
+
 def _cfg(data_root, cache_dir, *overrides):
     return compose_config(
         None,
@@ -70,7 +75,7 @@ def test_features_are_encoded_once_then_reused_across_rounds_and_processes(data_
     site = open_site(cfg, 0)
     num_train, num_test = len(site.data.train), len(site.data.test)
     before = PROCESS_FEATURE_CACHE.encoded_views
-    new_state, stats = train_round(cfg, 0, state, server_round=1)
+    new_state, stats = _update(train_round(cfg, 0, state, server_round=1))
     assert PROCESS_FEATURE_CACHE.encoded_views - before == 2 * num_train
     assert stats.num_examples == num_train and stats.steps > 0
     assert not torch.equal(new_state["ctx"], state["ctx"])
@@ -79,7 +84,7 @@ def test_features_are_encoded_once_then_reused_across_rounds_and_processes(data_
     evaluate_round(cfg, 0, state)
     assert PROCESS_FEATURE_CACHE.encoded_views - before == 2 * num_train + num_test
     PROCESS_FEATURE_CACHE.clear()  # a fresh process: everything comes from disk
-    again, _ = train_round(cfg, 0, state, server_round=1)
+    again, _ = _update(train_round(cfg, 0, state, server_round=1))
     evaluate_round(cfg, 0, state)
     assert PROCESS_FEATURE_CACHE.encoded_views - before == 2 * num_train + num_test
     assert torch.equal(again["ctx"], new_state["ctx"])
@@ -111,9 +116,9 @@ def test_fedprox_keeps_the_learners_views_and_patch_tokens(data_root, tmp_path, 
         site_rounds, "build_learner", lambda cfg, backbone, names: _NeedsTokens(backbone, names)
     )
     _NeedsTokens.seen.clear()
-    plain, _ = train_round(cfg, 1, state, server_round=1)
+    plain, _ = _update(train_round(cfg, 1, state, server_round=1))
     _NeedsTokens.seen.clear()
-    proximal, _ = train_round(cfg, 1, state, server_round=1, proximal_mu=10.0)
+    proximal, _ = _update(train_round(cfg, 1, state, server_round=1, proximal_mu=10.0))
     assert _NeedsTokens.seen and all(
         shapes["views"][1] == 3 and "patch_tokens" in shapes for shapes in _NeedsTokens.seen
     )
@@ -128,7 +133,7 @@ def test_a_learner_with_nothing_to_train_encodes_nothing(data_root, tmp_path, mo
         site_rounds, "build_learner", lambda cfg, backbone, names: _Frozen(backbone, names)
     )
     before = PROCESS_FEATURE_CACHE.encoded_views
-    new_state, stats = train_round(cfg, 0, state, server_round=1)
+    new_state, stats = _update(train_round(cfg, 0, state, server_round=1))
     assert stats.steps == 0 and PROCESS_FEATURE_CACHE.encoded_views == before
     assert torch.equal(new_state["ctx"], state["ctx"])
 

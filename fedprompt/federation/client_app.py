@@ -41,6 +41,11 @@ app = ClientApp(mods=[secure_aggregation_mod, site_level_clipping_mod])
 LEDGER_KEY = "privacy-ledger"
 """The node-state record holding the site's ``SiteLedger`` between rounds."""
 
+LOCAL_KEY = "personal-state"
+"""The node-state record holding the site's personalized tensors between rounds."""
+LOCAL_ROUND_KEY = "personal-round"
+"""The node-state record saying which round those tensors are from."""
+
 # Errors about configuration rather than images: their sentence is safe to send to the server.
 SHAREABLE_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
@@ -63,6 +68,38 @@ def _identity(site: NodeSite) -> dict[str, int]:
 def _site_weight(site: NodeSite) -> dict[str, int]:
     """Under site-level DP every site weighs the same in the average (``SITE_WEIGHT_KEY``)."""
     return {SITE_WEIGHT_KEY: 1} if privacy_mode(site.cfg) == "site_level" else {}
+
+
+def local_state(
+    site: NodeSite, context: Context, through_round: int
+) -> dict[str, torch.Tensor] | None:
+    """The site's personalized tensors from its newest round ``<= through_round``.
+
+    The node's state holds the last round's while the SuperNode runs; the site's disk holds
+    every round's, so a restarted SuperNode or a resumed run finds them there. None: the site
+    has trained no personalized part yet in this run.
+    """
+    found: list[tuple[int, dict[str, torch.Tensor]]] = []
+    if LOCAL_KEY in context.state and LOCAL_ROUND_KEY in context.state:
+        kept = int(context.state.config_records[LOCAL_ROUND_KEY]["round"])
+        if kept <= through_round:
+            found.append((kept, context.state.array_records[LOCAL_KEY].to_torch_state_dict()))
+    store = site.local_store(context.run_id)
+    on_disk = store.latest(through_round) if store is not None else None
+    if on_disk is not None:
+        found.append(on_disk)
+    return max(found, key=lambda pair: pair[0])[1] if found else None
+
+
+def keep_local_state(
+    site: NodeSite, context: Context, server_round: int, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Keep the round's personalized tensors in the node's state and on the site's disk."""
+    store = site.local_store(context.run_id)
+    if store is not None:
+        store.save(server_round, tensors)
+    context.state[LOCAL_KEY] = ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
+    context.state[LOCAL_ROUND_KEY] = ConfigRecord({"round": server_round})
 
 
 def refusal(msg: Message, context: Context, err: Exception) -> Message:
@@ -89,6 +126,9 @@ def refusal(msg: Message, context: Context, err: Exception) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the received global prompt on this site's images and send back its tensors only.
 
+    Only the global part travels: a personalization scheme's local tensors are kept in the
+    node's state and on the site's disk (``keep_local_state``), never in the reply.
+
     Under ``privacy=dpsgd`` the site's ledger lives in the node's state between rounds (and on
     disk beside its checkpoint); the reply then carries the privacy spent (``dp-*``) and no
     training loss, which the DP guarantee does not cover. A site whose budget is spent says so
@@ -99,15 +139,19 @@ def train(msg: Message, context: Context) -> Message:
         config = msg.content["config"]
         server_round = int(config["server-round"])
         saved = context.state.config_records.get(LEDGER_KEY)
-        state, stats, ledger = train_site(
+        update, ledger = train_site(
             site,
             msg.content["arrays"].to_torch_state_dict(),
             server_round,
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             ledger_state=dict(saved) if saved is not None else None,
+            local_state=local_state(site, context, server_round - 1),
         )
+        if update.local_state is not None:
+            keep_local_state(site, context, server_round, update.local_state)
     except USER_ERRORS as err:
         return refusal(msg, context, err)
+    state, stats = update.global_state, update.stats
     if ledger is not None:
         context.state[LEDGER_KEY] = ConfigRecord(ledger.to_dict())
     if site.releases is not None:
@@ -140,12 +184,19 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global prompt on this site's own test images.
 
-    A site without test images answers ``num-examples`` 0 and no scores (an accuracy of 0 would
-    be a made-up number); the server records it as having no test images.
+    Under a personalization scheme the site also scores its own prompt and sends that one
+    scalar (``personalized-accuracy``); its local tensors stay here. A site without test
+    images answers ``num-examples`` 0 and no scores (an accuracy of 0 would be a made-up
+    number); the server records it as having no test images.
     """
     try:
         site = _open(context)
-        result = evaluate_site(site, msg.content["arrays"].to_torch_state_dict())
+        server_round = int(msg.content["config"]["server-round"])
+        result = evaluate_site(
+            site,
+            msg.content["arrays"].to_torch_state_dict(),
+            local_state(site, context, server_round),
+        )
     except USER_ERRORS as err:
         return refusal(msg, context, err)
     values: dict[str, float | int] = {
@@ -157,6 +208,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         values["accuracy"] = result.metrics.accuracy
         values["balanced-accuracy"] = result.metrics.balanced_accuracy
         values["macro-f1"] = result.metrics.macro_f1
+    if result.personalized is not None:
+        values["personalized-accuracy"] = result.personalized.accuracy
     if result.mia_auc is not None:
         values["mia-auc"] = result.mia_auc
     return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)

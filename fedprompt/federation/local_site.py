@@ -28,8 +28,10 @@ from fedprompt.data.site_check import (
     site_dataset_config,
 )
 from fedprompt.data.sites import site_data
+from fedprompt.personalization.local_store import LocalStore
 from fedprompt.privacy.ledger import SiteLedger
 from fedprompt.site_rounds import (
+    RoundUpdate,
     SiteEvaluation,
     SiteSession,
     backbone_for,
@@ -39,7 +41,6 @@ from fedprompt.site_rounds import (
     splits_and_plan,
     train_round,
 )
-from fedprompt.training import TrainStats
 
 SITE_CONFIG_KEY = "site-config"
 PARTITION_KEY = "partition-id"
@@ -82,6 +83,17 @@ class NodeSite:
         already spent.
         """
         return self.state_dir / "privacy_ledger.json" if self.state_dir else None
+
+    def local_store(self, run_id: int) -> LocalStore | None:
+        """Where the site keeps its personalized tensors for this run, round by round.
+
+        One folder per run lineage under the state folder: the results folder's name, which a
+        resumed run shares with the run it continues (``run-<id>`` where the run names none).
+        """
+        if self.state_dir is None:
+            return None
+        lineage = self.cfg.get("resume") or self.cfg.get("output_dir") or f"run-{run_id}"
+        return LocalStore(self.state_dir / "personalization" / Path(str(lineage)).name)
 
 
 class ReleaseLog:
@@ -200,30 +212,43 @@ def train_site(
     server_round: int,
     proximal_mu: float = 0.0,
     ledger_state: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, torch.Tensor], TrainStats, SiteLedger | None]:
-    """Train the global prompt on the site's images; return the new state and the site's ledger.
+    local_state: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[RoundUpdate, SiteLedger | None]:
+    """Train the global prompt on the site's images; return the round's update and the ledger.
 
     ``site_rounds.train_round`` does the work. Under ``privacy=dpsgd`` the site's ledger is the
     one kept in the node's state (``ledger_state``) or beside its checkpoint
     (``privacy_ledger_path``), whichever has spent more, else a newly planned one; it is saved
     back to that file before the update leaves the site, so a crash can only over-count.
+    ``local_state`` is the site's personalized part from its previous round.
     """
     path = site.privacy_ledger_path
     ledger = plan_ledger(site.cfg, site.index, state=ledger_state, path=path)
-    state, stats = train_round(
-        site.cfg, site.index, global_state, server_round, proximal_mu=proximal_mu, ledger=ledger
+    update = train_round(
+        site.cfg,
+        site.index,
+        global_state,
+        server_round,
+        proximal_mu=proximal_mu,
+        ledger=ledger,
+        local_state=local_state,
     )
     if ledger is not None and path is not None:
         ledger.save(path)
-    return state, stats, ledger
+    return update, ledger
 
 
 def evaluate_site(
-    site: NodeSite, global_state: Mapping[str, torch.Tensor | np.ndarray]
+    site: NodeSite,
+    global_state: Mapping[str, torch.Tensor | np.ndarray],
+    local_state: Mapping[str, torch.Tensor] | None = None,
 ) -> SiteEvaluation:
-    """Scores of the global prompt on the site's own test images (a hospital's: all of them)."""
+    """Scores of the global prompt (and the site's own) on the site's own test images.
+
+    A hospital scores on all of its test images; a simulated site on its shard's.
+    """
     if not site.deployed:
-        return evaluate_round(site.cfg, site.index, global_state)
+        return evaluate_round(site.cfg, site.index, global_state, local_state)
     splits, _ = splits_and_plan(site.cfg)
     whole = SitePartition(
         site_names=[site.name],
@@ -231,4 +256,5 @@ def evaluate_site(
         test=[np.arange(len(splits.test))],
     )
     data = site_data(site.cfg, splits, whole, 0)
-    return evaluate_session(SiteSession(site.cfg, backbone_for(site.cfg), data), global_state)
+    session = SiteSession(site.cfg, backbone_for(site.cfg), data)
+    return evaluate_session(session, global_state, local_state)

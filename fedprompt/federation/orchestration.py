@@ -27,7 +27,7 @@ from fedprompt.config import ConfigError
 from fedprompt.config_schema import check_config, check_site_sizes
 from fedprompt.data.features import PROCESS_FEATURE_CACHE
 from fedprompt.data.protocols import novel_splits, protocol_name, protocol_report
-from fedprompt.data.sites import dataset_name, load_splits, plan_report
+from fedprompt.data.sites import dataset_name, load_splits, plan_report, write_site_views
 from fedprompt.evaluation.metrics import BaseToNovelMetrics, ClassificationMetrics
 from fedprompt.federation.checkpoint import (
     Checkpoint,
@@ -55,6 +55,7 @@ from fedprompt.site_rounds import (
     backbone_for,
     build_learner,
     feature_settings,
+    personalization_for,
     privacy_mode,
     site_train_sizes,
     splits_and_plan,
@@ -125,6 +126,11 @@ def _final_metrics(lines: list[dict[str, Any]]) -> dict[str, Any]:
         raise RuntimeError("No round completed, so there are no final metrics to report.")
     per_site = {
         name: {"accuracy": site["accuracy"], "num_test": site["num_test"]}
+        | (
+            {"personalized_accuracy": site["personalized_accuracy"]}
+            if site.get("personalized_accuracy") is not None
+            else {}
+        )
         for name, site in last["sites"].items()
         if site["accuracy"] is not None
     }
@@ -141,6 +147,7 @@ def _final_metrics(lines: list[dict[str, Any]]) -> dict[str, Any]:
         }
         final["source"] = "federated"
     final["federated_accuracy"] = last["federated_accuracy"]
+    final["personalized_accuracy"] = last.get("personalized_accuracy")
     attacks = [s["mia_auc"] for s in last["sites"].values() if s.get("mia_auc") is not None]
     final["mia_auc"] = sum(attacks) / len(attacks) if attacks else None
     final["per_site"] = per_site
@@ -204,6 +211,7 @@ def _simulation_setup(
     backbone = backbone_for(cfg)
     splits, plan = splits_and_plan(cfg)
     results.write_json("partitions.json", plan_report(cfg, splits, plan))
+    write_site_views(cfg, splits, plan, results.path)
     learner = learner_for(list(splits.classnames))
     classnames = list(splits.classnames)
     novel = None
@@ -440,6 +448,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         "dataset": dataset,
         "mode": mode,
         "strategy": str(cfg.strategy.name),
+        "personalization": personalization_for(cfg).describe(),
         "secure_aggregation": secagg is not None,
         "num_sites": num_sites,
         "rounds": rounds,

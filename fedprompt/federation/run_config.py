@@ -30,6 +30,7 @@ GROUPS: tuple[str, ...] = (
     "strategy",
     "privacy",
     "protocol",
+    "personalization",
 )
 
 LEAF_KEYS: tuple[str, ...] = (

@@ -59,6 +59,7 @@ def _site_line(traffic: SiteTraffic) -> dict[str, Any]:
         "macro_f1": evaluate.get("macro-f1"),
         "num_test": evaluate.get("num-examples"),
         "mia_auc": evaluate.get("mia-auc"),
+        "personalized_accuracy": evaluate.get("personalized-accuracy"),
     }
     line.update({key: train.get(metric) for key, metric in DP_LINE_KEYS.items()})
     line.update(
@@ -193,6 +194,13 @@ class RunMonitor:
             "seconds": time.perf_counter() - self._round_start,
             "train_loss": _weighted(losses),
             "federated_accuracy": _weighted([(s["accuracy"], s["num_test"]) for s in evaluated]),
+            "personalized_accuracy": _weighted(
+                [
+                    (s["personalized_accuracy"], s["num_test"])
+                    for s in evaluated
+                    if s["personalized_accuracy"] is not None
+                ]
+            ),
             "central": central,
             "bytes_up": sum(s["bytes_up"] for s in sites.values()),
             "bytes_down": sum(s["bytes_down"] for s in sites.values()),
@@ -216,6 +224,8 @@ class RunMonitor:
             parts.append(f"{line['num_trained']} sites trained")
         if line["federated_accuracy"] is not None:
             parts.append(f"federated acc {100 * line['federated_accuracy']:.1f}%")
+        if line["personalized_accuracy"] is not None:
+            parts.append(f"personalized acc {100 * line['personalized_accuracy']:.1f}%")
         if line["central"]:
             parts.append(f"central acc {100 * line['central']['accuracy']:.1f}%")
             if "harmonic_mean" in line["central"]:

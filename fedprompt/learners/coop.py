@@ -57,7 +57,16 @@ class CoOp(Learner):
             text_dropout=text_dropout,
         )
         self.ctx = torch.nn.Parameter(self.prompt_encoder.init_context(class_specific))
+        # A personalization's local part (fedprompt.personalization.LocalPrompt), attached by a
+        # site: it composes the class features from ``ctx`` and the site's own tensors.
+        self.personal: torch.nn.Module | None = None
 
     def text_features(self) -> torch.Tensor:
-        """L2-normalised float32 class text features (C, D) for the current context."""
+        """L2-normalised float32 class text features (C, D) for the current context.
+
+        With a local part attached, the site's personalized features; every loss term of the
+        CoOp family reads the features here, so it trains the personalized prompt.
+        """
+        if self.personal is not None:
+            return self.personal.text_features(self.prompt_encoder, self.ctx)
         return F.normalize(self.prompt_encoder.encode(self.ctx).float(), dim=-1)

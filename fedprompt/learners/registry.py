@@ -48,6 +48,17 @@ def create_learner(
     return cls(backbone, classnames, **hparams)
 
 
+def learner_class(name: str) -> type[Learner]:
+    """The class registered as ``name``.
+
+    Raises:
+        ValueError: No learner of that name.
+    """
+    if name not in _LEARNERS:
+        raise ValueError(f"unknown learner {name!r}; registered: {list_learners()}")
+    return _LEARNERS[name]
+
+
 def list_learners() -> list[str]:
     """Names of the registered learners, sorted."""
     return sorted(_LEARNERS)
