@@ -102,7 +102,7 @@ def _read_split_dir(
     )
 
 
-def _stratified_split(
+def stratified_split(
     labels: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hold out ``round(fraction * n_c)`` images of each class (at least one when n_c >= 2)."""
@@ -174,11 +174,11 @@ def load_image_folder(cfg: Mapping[str, Any]) -> DatasetSplits:
             f"({val_fraction}) in [0, 1) with a sum below 1; fix the dataset config."
         )
     seed = int(cfg.get("seed", 0) or 0)
-    rest, test_idx = _stratified_split(full.labels, test_fraction, seed)
+    rest, test_idx = stratified_split(full.labels, test_fraction, seed)
     val = None
     train_idx = rest
     if val_fraction > 0:
-        inner_train, inner_val = _stratified_split(
+        inner_train, inner_val = stratified_split(
             full.labels[rest], val_fraction / (1 - test_fraction), seed + 1
         )
         train_idx, val = rest[inner_train], full.subset(rest[inner_val])

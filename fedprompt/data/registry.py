@@ -10,6 +10,7 @@ from fedprompt.data.biomedcoop import load_biomedcoop
 from fedprompt.data.image_folder import load_image_folder
 from fedprompt.data.image_set import DataError, DatasetSplits
 from fedprompt.data.medmnist_reader import load_medmnist
+from fedprompt.data.natural_sites import load_manifest
 from fedprompt.data.synthetic import DEFAULT_ROOT as SYNTHETIC_ROOT
 from fedprompt.data.synthetic import load_synthetic
 
@@ -19,6 +20,7 @@ LOADERS: dict[str, Callable[[Mapping[str, Any]], DatasetSplits]] = {
     "biomedcoop": load_biomedcoop,
     "medmnist": load_medmnist,
     "image_folder": load_image_folder,
+    "manifest": load_manifest,
     "synthetic": load_synthetic,
 }
 
@@ -293,6 +295,13 @@ _INFOS = [
         classnames=None,
         options={"test_fraction": 0.2, "val_fraction": 0.0, "seed": 0},
         root=f"{DATA_ROOT}/image_folder",
+    ),
+    DatasetInfo(
+        name="manifest",
+        format="manifest",
+        classnames=None,
+        options={"manifest": "manifest.csv", "test_fraction": 0.2, "seed": 0},
+        root=f"{DATA_ROOT}/manifest",
     ),
 ]
 
