@@ -11,6 +11,7 @@ from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
 from PIL import Image
 from torchvision import transforms
 
+from fedprompt.data.acquisition import draw_profile
 from fedprompt.data.augment import AugmentationSettings, SeededViewTransform
 from fedprompt.data.feature_cache import FeatureStore, backbone_identity, entry_key
 from fedprompt.data.features import (
@@ -392,3 +393,24 @@ def test_gpu_features_run_in_bf16_and_match_the_cpu(miniature_backbone, tmp_path
     on_gpu, _ = FeatureCache(_settings(tmp_path)).get(gpu, images)
     assert on_gpu.dtype == torch.float32 and on_gpu.device.type == "cpu"
     assert torch.nn.functional.cosine_similarity(on_cpu, on_gpu).min() > 0.98
+
+
+def test_a_feature_computed_under_one_acquisition_profile_is_never_served_for_another(
+    miniature_backbone, tmp_path
+):
+    images = _images()
+    first, second = (draw_profile(0, site) for site in range(2))
+    cache = FeatureCache(_settings(tmp_path))
+    stored, _ = cache.get(miniature_backbone, images)
+    site_a, _ = cache.get(miniature_backbone, images.with_acquisition(first))
+    site_b, _ = cache.get(miniature_backbone, images.with_acquisition(second))
+    assert cache.encoded_views == 3 * len(images)
+    assert not torch.allclose(site_a, stored) and not torch.allclose(site_a, site_b)
+    fresh, _ = encode_image_set(miniature_backbone, images.with_acquisition(first), batch_size=64)
+    assert torch.equal(site_a, fresh)
+    # Another process (a fresh cache over the same folder) gets each profile's own features.
+    again = FeatureCache(_settings(tmp_path))
+    assert torch.equal(again.get(miniature_backbone, images.with_acquisition(second))[0], site_b)
+    assert torch.equal(again.get(miniature_backbone, images.with_acquisition(first))[0], site_a)
+    assert torch.equal(again.get(miniature_backbone, images)[0], stored)
+    assert again.encoded_views == 0

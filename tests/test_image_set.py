@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from fedprompt.data import CorruptImageError, DataError, DatasetNotFoundError, ImageSet
+from fedprompt.data.acquisition import draw_profile
 from fedprompt.data.image_set import config_classnames, resolve_root
 
 
@@ -177,3 +178,22 @@ def test_config_classnames():
     assert config_classnames({"classnames": ("a", "b")}) == ["a", "b"]
     with pytest.raises(DataError, match="YAML list"):
         config_classnames({"classnames": "a, b"})
+
+
+def test_a_site_scanner_alters_what_is_read_before_the_transform_and_the_fingerprint():
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 20, 24, 3), dtype=np.uint8)
+    images = ImageSet(pixels, [0, 1, 0], ["a", "b"])
+    profile = draw_profile(0, 0)
+    seen = images.with_acquisition(profile)
+    assert images.acquisition is None
+    assert np.array_equal(np.asarray(seen[1][0]), np.asarray(profile(images[1][0], "item/1")))
+    assert not np.array_equal(np.asarray(seen[1][0]), pixels[1])
+    subset = seen.subset([2, 1]).with_transform(lambda image: np.asarray(image).mean())
+    assert subset[1][0] == np.asarray(profile(images[1][0], "item/1")).mean()
+    fingerprints = {
+        images.content_fingerprint(),
+        seen.content_fingerprint(),
+        images.with_acquisition(draw_profile(0, 1)).content_fingerprint(),
+    }
+    assert len(fingerprints) == 3
+    assert seen.with_acquisition(None).content_fingerprint() == images.content_fingerprint()

@@ -1,15 +1,19 @@
-"""Study plots are written as PNGs from study points and metrics.jsonl lines."""
+"""Plots are written as PNGs: study points, metrics.jsonl lines, and the sites' scanners."""
 
 import math
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from fedprompt.data.acquisition import site_profiles
 from fedprompt.evaluation.plots import (
     StudyPoint,
     accuracy_per_round,
     accuracy_vs_epsilon,
     metric_vs_epsilon,
     round_accuracies,
+    site_views,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -70,3 +74,19 @@ def test_accuracy_per_round_from_metrics_lines(tmp_path):
     ]
     with pytest.raises(ValueError, match="No run"):
         accuracy_per_round({"empty": [[]]})
+
+
+def test_site_views_show_the_stored_image_and_each_sites_acquisition(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), np.uint8))
+    profiles = site_profiles("scanner", seed=0, num_sites=7)
+    names = [f"site-{i}" for i in range(7)]
+    path = tmp_path / "acquisition.png"
+    figure = site_views(image, "img/0", profiles, names, path)
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    drawn = [axes for axes in figure.axes if axes.images]
+    assert [axes.get_title().split("\n")[0] for axes in drawn] == ["as stored", *names]
+    assert np.array_equal(drawn[0].images[0].get_array(), np.asarray(image))
+    seen = np.asarray(profiles[3](image, "img/0"))
+    assert np.array_equal(drawn[4].images[0].get_array(), seen)
+    with pytest.raises(ValueError, match="7 profiles for 2 sites"):
+        site_views(image, "img/0", profiles, names[:2])

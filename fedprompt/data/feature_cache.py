@@ -9,7 +9,9 @@ view ``k``) by one backbone. Its key hashes:
 - the preprocessing (the transform's ``repr``, which names every parameter) and the view index;
 - the ordered image identities (``ImageSet.identities``) and their content fingerprint
   (``ImageSet.content_fingerprint``: each file's size and modification time in nanoseconds, or a
-  strided pixel sample of each in-memory image), so an image replaced under its old name misses.
+  strided pixel sample of each in-memory image), so an image replaced under its old name misses;
+  a site's simulated scanner (``acquisition.py``) adds its profile's key to that fingerprint, so
+  features of one profile are never served for another.
 
 Files live under ``<cache_dir>/<backbone id>/<entry>.<kind>.pt``. Each holds its own key and a
 SHA-256 of every tensor's bytes; a file that cannot be read, belongs to another key or fails its

@@ -9,13 +9,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from fedprompt.data.image_decoding import describe_mode, to_rgb
+
+if TYPE_CHECKING:
+    from fedprompt.data.acquisition import AcquisitionProfile
 
 # Pixels per in-memory image that its content fingerprint samples (a strided sample, not all).
 _FINGERPRINT_SAMPLES = 64
@@ -45,6 +48,9 @@ class ImageSet(torch.utils.data.Dataset):
         identities: Stable per-image ids (e.g. ``"BTMRI/glioma_tumor/image12.jpg"``), used with
             ``content_fingerprint`` as keys by feature caches; unique within a dataset.
         transform: Applied to the RGB ``PIL.Image`` on access, if set.
+        acquisition: The simulated scanner a site sees these images through
+            (``with_acquisition``), applied to the decoded image before ``transform``; None
+            for the images as stored.
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class ImageSet(torch.utils.data.Dataset):
             )
         self.identities = list(identities)
         self.transform = transform
+        self.acquisition: AcquisitionProfile | None = None
         if not (len(self.labels) == count == len(self.identities)):
             raise DataError(
                 f"An ImageSet got {count} images, {len(self.labels)} labels and "
@@ -106,6 +113,8 @@ class ImageSet(torch.utils.data.Dataset):
             DatasetNotFoundError: If the file listed for this item does not exist.
         """
         image = self._load(int(self._index[i]))
+        if self.acquisition is not None:
+            image = self.acquisition(image, self.identities[i])
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[i])
@@ -175,6 +184,12 @@ class ImageSet(torch.utils.data.Dataset):
         out.transform = transform
         return out
 
+    def with_acquisition(self, profile: AcquisitionProfile | None) -> ImageSet:
+        """A view of the same images as a site whose scanner is ``profile`` acquires them."""
+        out = copy.copy(self)
+        out.acquisition = profile
+        return out
+
     def class_counts(self) -> np.ndarray:
         """Number of images per class, indexed by label id."""
         return np.bincount(self.labels, minlength=len(self.classnames))
@@ -186,9 +201,12 @@ class ImageSet(torch.utils.data.Dataset):
         add this to their keys. A file contributes its size and modification time in
         nanoseconds (one ``stat``, no read; an absent file a marker, so decoding it reports the
         error); an in-memory image its shape and a strided sample of its pixels, since arrays
-        read from a replaced file keep their identities.
+        read from a replaced file keep their identities. A simulated scanner alters what the
+        images hold, so its profile's key is part of the fingerprint too.
         """
         digest = hashlib.sha256()
+        if self.acquisition is not None:
+            digest.update(f"acquisition={self.acquisition.key}|".encode())
         if isinstance(self._items, np.ndarray):
             shape = self._items.shape[1:]
             digest.update(f"array|{shape}|n={len(self._index)}".encode())

@@ -1,4 +1,6 @@
-"""Study plots: accuracy (or attack AUC) against epsilon per method, and accuracy per round.
+"""Run and study plots: accuracy (or attack AUC) against epsilon, accuracy per round, site views.
+
+``site_views`` shows one image as each simulated site's scanner acquires it.
 
 Figures are built on ``matplotlib.figure.Figure`` directly, never through ``pyplot``: no global
 figure state, no display needed, and saving a PNG uses the Agg canvas whatever the process's
@@ -19,6 +21,9 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
+from PIL import Image
+
+from fedprompt.data.acquisition import AcquisitionProfile
 
 Metric = Literal["accuracy", "mia_auc"]
 _METRIC_LABELS = {"accuracy": "accuracy (%)", "mia_auc": "membership-inference AUC"}
@@ -188,6 +193,50 @@ def accuracy_per_round(
     axes.set_ylabel(_METRIC_LABELS["accuracy"])
     axes.xaxis.get_major_locator().set_params(integer=True)
     _finish(axes, title)
+    return _saved(figure, path)
+
+
+def site_views(
+    image: Image.Image,
+    identity: str,
+    profiles: Sequence[AcquisitionProfile],
+    site_names: Sequence[str],
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """One image as stored and as each site's scanner acquires it, side by side.
+
+    Shows what ``partition.acquisition=scanner`` does before any number is read: whether the
+    sites differ as scanners do, and whether the images are still readable.
+
+    Args:
+        image: The image as stored (RGB).
+        identity: Its identity, which seeds each profile's noise as in training.
+        profiles: One profile per site.
+        site_names: The sites' names, in the same order.
+        path: Where to save the PNG, if anywhere.
+
+    Raises:
+        ValueError: Profiles and site names differ in number.
+    """
+    if len(profiles) != len(site_names):
+        raise ValueError(f"{len(profiles)} profiles for {len(site_names)} sites; give one each.")
+    columns = min(len(profiles) + 1, 6)
+    rows = math.ceil((len(profiles) + 1) / columns)
+    figure = Figure(figsize=(2.4 * columns, 3.0 * rows), layout="constrained")
+    panels = figure.subplots(rows, columns, squeeze=False).reshape(-1)
+    shown = [("as stored", image)] + [
+        (
+            f"{name}\nc={p.contrast:.2f} g={p.gamma:.2f} blur={p.blur:.1f}\n"
+            f"noise={p.noise:.3f} scale={p.scale:.2f} {p.bits} bit",
+            p(image, identity),
+        )
+        for name, p in zip(site_names, profiles, strict=True)
+    ]
+    for axes, (title, picture) in zip(panels, shown, strict=False):
+        axes.imshow(np.asarray(picture.convert("RGB")))
+        axes.set_title(title, fontsize="x-small")
+    for axes in panels:
+        axes.set_axis_off()
     return _saved(figure, path)
 
 
