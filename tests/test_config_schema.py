@@ -50,6 +50,8 @@ def test_the_shipped_experiments_pass(experiment):
         (["dataset=image_folder", "dataset.test_fraction=1"], r"dataset.test_fraction=1 .* < 1"),
         (["features.normalization=clip"], r"features.normalization=clip .* backbone, imagenet"),
         (["train.lr_step=round"], r"train.lr_step=round .* one of epoch, batch"),
+        (["partition.acquisition=mri"], r"partition.acquisition=mri .* one of none, scanner"),
+        (["dataset=manifest", "dataset.manifest=null"], r"dataset.manifest=null .* a string"),
     ],
 )
 def test_an_out_of_range_value_is_one_sentence_naming_key_value_and_range(overrides, message):
@@ -79,6 +81,11 @@ def test_an_out_of_range_value_is_one_sentence_naming_key_value_and_range(overri
             ["partition=pathological", "partition.classes_per_site=5"],
             "classes_per_site=5 is more than the dataset's 4 classes",
         ),
+        (["partition=natural"], "partition=natural takes each image's site from a manifest"),
+        (
+            ["partition.acquisition=scanner", "federation.mode=deployment"],
+            "partition.acquisition=scanner simulates sites that differ in acquisition",
+        ),
     ],
 )
 def test_keys_that_must_agree_are_checked_together(overrides, message):
@@ -86,11 +93,18 @@ def test_keys_that_must_agree_are_checked_together(overrides, message):
         check_config(compose_config("quickstart", overrides))
 
 
+def test_natural_sites_and_scanners_pass_where_they_apply():
+    check_config(compose_config("quickstart", ["dataset=manifest", "partition=natural"]))
+    check_config(
+        compose_config("quickstart", ["partition=dirichlet", "partition.acquisition=scanner"])
+    )
+
+
 def test_a_wrong_group_choice_lists_the_valid_ones():
     expected = r"method=copo is not one of fedprompt's method configs; choose one of .*coop"
     with pytest.raises(ConfigError, match=expected):
         compose_config("quickstart", ["method=copo"])
-    with pytest.raises(ConfigError, match=r"choose one of .*dirichlet, iid, pathological"):
+    with pytest.raises(ConfigError, match=r"choose one of .*dirichlet, iid, natural, pathological"):
         compose_config("quickstart", ["partition=dirichet"])
 
 

@@ -3,10 +3,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import fedprompt.config
 from fedprompt.cli import main
 from fedprompt.config import compose_config
+from fedprompt.data.acquisition import draw_profile
 from fedprompt.data.image_set import DataError
 from fedprompt.data.sites import (
     dataset_config,
@@ -14,8 +16,10 @@ from fedprompt.data.sites import (
     plan_report,
     plan_sites,
     site_data,
+    write_site_views,
 )
 from fedprompt.federation.inprocess_grid import InProcessGrid
+from fedprompt.federation.local_simulation import check_before_flower
 from fedprompt.federation.orchestration import run_federation
 from fedprompt.federation.run_config import default_run_config
 
@@ -115,3 +119,106 @@ def test_site_index_outside_the_federation_is_refused():
     splits = load_splits(cfg)
     with pytest.raises(ValueError, match="outside"):
         site_data(cfg, splits, plan_sites(cfg, splits), 3)
+
+
+def _hospitals(folder, sites=("BCN", "MSK", "Vienna"), per_class=4):
+    """A manifest of three hospitals, two classes each; each class a different brightness."""
+    rng = np.random.default_rng(0)
+    rows = ["path,label,site,split"]
+    for site in sites:
+        for label, name in enumerate(["benign", "malignant"]):
+            for i in range(per_class):
+                pixels = (rng.random((24, 24, 3)) * 80 + 120 * label).astype(np.uint8)
+                path = folder / site / f"{name}{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(path)
+                rows.append(f"{site}/{name}{i}.png,{name},{site},{'test' if i == 0 else 'train'}")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return ["dataset=manifest", f"dataset.root={folder}"]
+
+
+def test_natural_sites_from_the_config_hold_their_hospitals_images(tmp_path):
+    cfg = compose_config("quickstart", [*_hospitals(tmp_path), "partition=natural"])
+    splits = load_splits(cfg)
+    plan = plan_sites(cfg, splits)
+    assert plan.site_names == ["BCN", "MSK", "Vienna"]
+    for index, name in enumerate(plan.site_names):
+        site = site_data(cfg, splits, plan, index)
+        assert {i.split("/")[1] for i in site.train.identities + site.test.identities} == {name}
+        assert site.train.class_counts().tolist() == [3, 3]
+        assert site.test.class_counts().tolist() == [1, 1]
+    report = plan_report(cfg, splits, plan)
+    assert report["scheme"] == "natural"
+    assert report["params"]["manifest"] == str(tmp_path / "manifest.csv")
+    assert [s["name"] for s in report["sites"]] == plan.site_names
+
+
+def test_a_num_sites_mismatch_stops_before_flower_in_one_sentence(tmp_path, capsys):
+    overrides = [*_hospitals(tmp_path), "partition=natural", "federation.num_sites=5"]
+    with pytest.raises(DataError, match=r"but federation.num_sites=5; set federation.num_sites=3"):
+        check_before_flower(compose_config("quickstart", overrides))
+    out = tmp_path / "run"
+    assert main(["simulate", "quickstart", *overrides, f"output_dir={out}"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "partition=natural federates the 3 sites" in error and "\n" not in error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("partition", ["iid", "natural"])
+def test_scanner_profiles_reach_each_sites_train_and_test_images(tmp_path, partition):
+    overrides = [*_hospitals(tmp_path), f"partition={partition}", "partition.acquisition=scanner"]
+    cfg = compose_config("quickstart", overrides)
+    splits = load_splits(cfg)
+    plan = plan_sites(cfg, splits)
+    report = plan_report(cfg, splits, plan)
+    assert report["acquisition"] == "scanner"
+    seen = [site_data(cfg, splits, plan, index) for index in range(3)]
+    for index, site in enumerate(seen):
+        profile = draw_profile(0, index)
+        assert site.train.acquisition == site.test.acquisition == profile
+        assert report["sites"][index]["acquisition"] == profile.record()
+        stored, _ = site.test.with_acquisition(None)[0]
+        assert np.array_equal(
+            np.asarray(site.test[0][0]), np.asarray(profile(stored, site.test.identities[0]))
+        )
+        assert not np.array_equal(np.asarray(site.test[0][0]), np.asarray(stored))
+    assert len({site.train.acquisition.key for site in seen}) == 3
+    views = write_site_views(cfg, splits, plan, tmp_path / "results")
+    assert views == tmp_path / "results" / "acquisition.png"
+    assert Image.open(views).format == "PNG"
+
+
+def test_without_scanners_sites_read_their_images_as_stored_and_no_plot_is_written(tmp_path):
+    cfg = compose_config("quickstart", _hospitals(tmp_path))
+    splits = load_splits(cfg)
+    plan = plan_sites(cfg, splits)
+    assert site_data(cfg, splits, plan, 0).train.acquisition is None
+    report = plan_report(cfg, splits, plan)
+    assert report["acquisition"] == "none"
+    assert [s["acquisition"] for s in report["sites"]] == [None, None, None]
+    assert write_site_views(cfg, splits, plan, tmp_path / "results") is None
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_run_on_natural_sites_with_scanners_records_them_in_its_results(tmp_path):
+    overrides = [
+        *_hospitals(tmp_path / "data"),
+        "partition=natural",
+        "partition.acquisition=scanner",
+        "federation.rounds=1",
+        "train.local_epochs=1",
+        "evaluation.central=false",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    grid = InProcessGrid(
+        [{"partition-id": i, "num-partitions": 3} for i in range(3)],
+        default_run_config("quickstart") | {"overrides": " ".join(overrides)},
+    )
+    summary = run_federation(grid, compose_config("quickstart", overrides))
+    assert summary["status"] == "completed"
+    assert set(summary["final"]["per_site"]) == {"BCN", "MSK", "Vienna"}
+    partitions = json.loads((tmp_path / "run" / "partitions.json").read_text())
+    assert [s["acquisition"]["key"] for s in partitions["sites"]] == [
+        draw_profile(0, i).key for i in range(3)
+    ]
+    assert (tmp_path / "run" / "acquisition.png").is_file()

@@ -1,10 +1,11 @@
-"""From a run's config to the images each simulated site holds: dataset, partition, few-shot."""
+"""From a run's config to the images each simulated site holds: data, partition, shots, scanner."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,8 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.backbones import default_cache_dir
 from fedprompt.config import CONFIG_DIR
+from fedprompt.data.acquisition import AcquisitionProfile, site_profiles
 from fedprompt.data.few_shot import few_shot_indices
 from fedprompt.data.image_set import DatasetSplits, ImageSet, resolve_root
+from fedprompt.data.natural_sites import manifest_path, natural_partition
 from fedprompt.data.partition import SitePartition, assign_sites, partitions_report
 from fedprompt.data.registry import load_dataset
 
@@ -21,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 SYNTHETIC_CONFIG = CONFIG_DIR / "dataset" / "synthetic.yaml"
 PARTITION_PARAMS = ("alpha", "min_size", "classes_per_site")
+SITE_VIEWS = "acquisition.png"
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,13 @@ def partition_params(cfg: DictConfig) -> dict[str, Any]:
 
 
 def plan_sites(cfg: DictConfig, splits: DatasetSplits) -> SitePartition:
-    """Deterministic assignment of train and test images to ``federation.num_sites`` sites."""
+    """Deterministic assignment of train and test images to ``federation.num_sites`` sites.
+
+    ``partition=natural`` takes the sites from the dataset's manifest; every other scheme cuts
+    the training split by its labels.
+    """
+    if str(cfg.partition.name) == "natural":
+        return natural_partition(dataset_config(cfg), splits, int(cfg.federation.num_sites))
     return assign_sites(
         splits.train.labels,
         splits.test.labels,
@@ -126,6 +136,16 @@ def plan_sites(cfg: DictConfig, splits: DatasetSplits) -> SitePartition:
         int(cfg.seed),
         **partition_params(cfg),
     )
+
+
+def acquisition_profiles(cfg: DictConfig, num_sites: int) -> list[AcquisitionProfile] | None:
+    """Each site's simulated scanner under ``partition.acquisition``; None when it is off."""
+    return site_profiles(_acquisition(cfg), int(cfg.seed), num_sites)
+
+
+def _acquisition(cfg: DictConfig) -> str:
+    """``partition.acquisition``; ``none`` where a config (a deployed site's) has no such key."""
+    return str(cfg.partition.get("acquisition") or "none")
 
 
 def site_train_indices(
@@ -144,30 +164,70 @@ def site_train_indices(
 
 
 def site_data(cfg: DictConfig, splits: DatasetSplits, plan: SitePartition, index: int) -> SiteData:
-    """Site ``index``'s images: its (few-shot) training images and its own test images."""
+    """Site ``index``'s images: its (few-shot) training images and its own test images.
+
+    Under ``partition.acquisition=scanner`` both are seen through the site's own profile.
+    """
     if not 0 <= index < len(plan.site_names):
         raise ValueError(f"Site index {index} is outside 0..{len(plan.site_names) - 1}.")
+    profiles = acquisition_profiles(cfg, len(plan.site_names))
+    profile = None if profiles is None else profiles[index]
+    train = splits.train.subset(site_train_indices(cfg, splits, plan, index))
     return SiteData(
         name=plan.site_names[index],
         index=index,
         classnames=list(splits.classnames),
-        train=splits.train.subset(site_train_indices(cfg, splits, plan, index)),
-        test=splits.test.subset(plan.test[index]),
+        train=train.with_acquisition(profile),
+        test=splits.test.subset(plan.test[index]).with_acquisition(profile),
     )
 
 
 def plan_report(cfg: DictConfig, splits: DatasetSplits, plan: SitePartition) -> dict[str, Any]:
-    """What ``partitions.json`` holds: the images each site really uses, with histograms."""
+    """What ``partitions.json`` holds: the images each site really uses, with histograms.
+
+    Also each site's acquisition profile (null when ``partition.acquisition=none``) and, under
+    ``partition=natural``, the manifest the sites come from.
+    """
     used = SitePartition(
         site_names=plan.site_names,
         train=[site_train_indices(cfg, splits, plan, i) for i in range(len(plan.site_names))],
         test=plan.test,
     )
-    return partitions_report(
+    params: dict[str, Any] = {"seed": int(cfg.seed), "shots": int(cfg.train.shots)}
+    if str(cfg.partition.name) == "natural":
+        params["manifest"] = str(manifest_path(dataset_config(cfg)))
+    else:
+        params.update(partition_params(cfg))
+    report = partitions_report(
         used,
         splits.train.labels,
         splits.test.labels,
         splits.classnames,
         str(cfg.partition.name),
-        {"seed": int(cfg.seed), "shots": int(cfg.train.shots), **partition_params(cfg)},
+        params,
     )
+    profiles = acquisition_profiles(cfg, len(plan.site_names))
+    report["acquisition"] = _acquisition(cfg)
+    for index, site in enumerate(report["sites"]):
+        site["acquisition"] = None if profiles is None else profiles[index].record()
+    return report
+
+
+def write_site_views(
+    cfg: DictConfig, splits: DatasetSplits, plan: SitePartition, folder: str | Path
+) -> Path | None:
+    """``acquisition.png`` in ``folder``: one test image as stored and as each site sees it.
+
+    Written only under ``partition.acquisition=scanner``, so a person can see what the simulated
+    scanners do before reading any number; returns its path, or None when nothing was written.
+    """
+    profiles = acquisition_profiles(cfg, len(plan.site_names))
+    if profiles is None:
+        return None
+    from fedprompt.evaluation.plots import site_views  # matplotlib: only when there is a plot
+
+    images = splits.test if len(splits.test) else splits.train
+    image, _ = images.with_transform(None)[0]
+    target = Path(folder) / SITE_VIEWS
+    site_views(image, images.identities[0], profiles, plan.site_names, target)
+    return target
