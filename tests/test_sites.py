@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 import fedprompt.config
@@ -198,6 +199,25 @@ def test_without_scanners_sites_read_their_images_as_stored_and_no_plot_is_writt
     assert [s["acquisition"] for s in report["sites"]] == [None, None, None]
     assert write_site_views(cfg, splits, plan, tmp_path / "results") is None
     assert not (tmp_path / "results").exists()
+    # A deployed site's config carries no acquisition key: its images are read as stored.
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["partition"] = {"name": "iid"}
+    assert site_data(OmegaConf.create(plain), splits, plan, 0).test.acquisition is None
+
+
+def test_the_site_views_fall_back_to_a_training_image_without_test_images(tmp_path):
+    folder = tmp_path / "data"
+    overrides = [*_hospitals(folder), "partition.acquisition=scanner", "dataset.test_fraction=0"]
+    manifest = folder / "manifest.csv"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    cfg = compose_config("quickstart", overrides)
+    splits = load_splits(cfg)
+    assert len(splits.test) == 0
+    with pytest.warns(UserWarning, match="no test images"):
+        plan = plan_sites(cfg, splits)
+    views = write_site_views(cfg, splits, plan, tmp_path / "results")
+    assert views is not None and views.is_file()
 
 
 def test_a_run_on_natural_sites_with_scanners_records_them_in_its_results(tmp_path):
