@@ -136,7 +136,7 @@ COMMON: tuple[Rule, ...] = (
     Rule(
         "personalization.name",
         str,
-        choices=("none", "local_only", "finetune", "promptfolio", "fedpgp"),
+        choices=("none", "local_only", "finetune", "promptfolio", "fedpgp", "fedotp"),
     ),
     Rule("evaluation.central", bool),
     Rule("evaluation.membership_inference", bool),
@@ -234,6 +234,12 @@ BY_GROUP: dict[tuple[str, str], tuple[Rule, ...]] = {
         Rule("personalization.weight", float, low=0),
         Rule("personalization.temperature", float, low=0, low_open=True),
     ),
+    ("personalization", "fedotp"): (
+        Rule("personalization.eps", float, low=0, low_open=True),
+        Rule("personalization.mass", float, low=0, high=1, low_open=True),
+        Rule("personalization.max_iter", int, low=1),
+        Rule("personalization.thresh", float, low=0, low_open=True),
+    ),
     ("strategy", "fedprox"): (Rule("strategy.proximal_mu", float, low=0),),
     ("strategy", "trimmed_mean"): (Rule("strategy.beta", float, low=0, high=0.5, high_open=True),),
     ("strategy", "fedadam"): (
@@ -247,7 +253,7 @@ BY_GROUP: dict[tuple[str, str], tuple[Rule, ...]] = {
 
 CONTEXT_METHODS = ("coop", "kgcoop", "prograd", "biomedcoop", "ogkd", "vmfcoop")
 """Methods with one learned CoOp context, into which a personalization splices a site's own."""
-CONTEXT_SCHEMES = ("promptfolio", "fedpgp")
+CONTEXT_SCHEMES = ("promptfolio", "fedpgp", "fedotp")
 """Personalizations that splice a site's own tensors into the method's context."""
 
 SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam")
@@ -366,6 +372,11 @@ def _personalization_problem(cfg: DictConfig) -> str | None:
             f"personalization={scheme} splices each site's own tensors into a CoOp-style "
             f"context, which method={method} does not have; use one of "
             f"{', '.join(CONTEXT_METHODS)}, or personalization=local_only or finetune."
+        )
+    if scheme == "fedotp" and method != "coop":
+        return (
+            f"personalization=fedotp scores classes by transport over patch tokens in place of "
+            f"CoOp's cross-entropy, so it runs with method=coop, not method={method}."
         )
     if _group(cfg, "privacy") == "dpsgd" and scheme != "finetune":
         return (

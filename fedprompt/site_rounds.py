@@ -8,6 +8,7 @@ here), and the encoded image features (``PROCESS_FEATURE_CACHE``, in memory with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -28,11 +29,11 @@ from fedprompt.data.partition import SitePartition
 from fedprompt.data.protocols import training_splits
 from fedprompt.data.sites import SiteData, load_splits, plan_sites, site_data, site_train_indices
 from fedprompt.evaluation.membership_inference import membership_inference_auc
-from fedprompt.evaluation.metrics import ClassificationMetrics
+from fedprompt.evaluation.metrics import ClassificationMetrics, classification_metrics
 from fedprompt.learners import Learner, create_learner
 from fedprompt.learners.linear_probe import LinearProbe
 from fedprompt.personalization import Personalization, personalization_from_config, split_state
-from fedprompt.personalization.attach import LocalLoss, attach_local_prompt
+from fedprompt.personalization.attach import LOCAL_MODULE, LocalLoss, attach_local_prompt
 from fedprompt.personalization.finetune import FineTune
 from fedprompt.privacy.dp_training import dp_train_local
 from fedprompt.privacy.ledger import SiteLedger, load_or_plan_ledger
@@ -122,6 +123,15 @@ class SiteSession:
         return PROCESS_FEATURE_CACHE.get(
             self.backbone, images, settings.batch_size, normalization=settings.normalization
         )
+
+    def test_patch_tokens(self) -> torch.Tensor:
+        """fp16 patch tokens (N, P, D) of the site's test images under the eval transform."""
+        settings = dataclasses.replace(feature_settings(self.cfg), views=1)
+        cached = PROCESS_FEATURE_CACHE.training_views(
+            self.backbone, self.data.test, settings, patch_tokens=True
+        )
+        assert cached.patch_tokens is not None
+        return cached.patch_tokens[0]
 
     def training_views(self, patch_tokens: bool = False) -> CachedViews:
         """The ``features.views`` cached views of the training images, and patch tokens if asked."""
@@ -232,7 +242,11 @@ def train_round(
     if not scheme.trains_global and local_state:
         learner.load_trainable_state(local_state)
     attach_local_prompt(scheme, learner, local_state, local_generator(cfg, site_index))
-    views = session.training_views(patch_tokens="patch_tokens" in required_inputs(learner))
+    shared_keys = list(global_state) if scheme.trains_global else []
+    trainee = ProximalTerm(learner, proximal_mu, shared_keys) if proximal_mu > 0 else learner
+    if scheme.needs_context:
+        trainee = LocalLoss(trainee, learner)
+    views = session.training_views(patch_tokens="patch_tokens" in required_inputs(trainee))
     seed = round_seed(cfg, server_round, site_index)
     torch.manual_seed(seed)
     if ledger is not None:
@@ -255,10 +269,6 @@ def train_round(
             num_rounds=int(cfg.federation.rounds),
         )
         return RoundUpdate(learner.trainable_state(), None, stats)
-    shared_keys = list(global_state) if scheme.trains_global else []
-    trainee = ProximalTerm(learner, proximal_mu, shared_keys) if proximal_mu > 0 else learner
-    if scheme.needs_context:
-        trainee = LocalLoss(trainee, learner)
     stats = train_local(
         trainee,  # type: ignore[arg-type]
         views.features,
@@ -386,6 +396,31 @@ def personalized_learner(
     return learner
 
 
+@torch.no_grad()
+def personalized_metrics(
+    session: SiteSession, learner: Learner, features: torch.Tensor, labels: torch.Tensor
+) -> ClassificationMetrics:
+    """Test metrics of the site's personalized learner.
+
+    A local part with logits of its own (FedOTP's transport over patch tokens) is scored on the
+    test images' patch tokens, in batches; any other learner on the pooled features.
+    """
+    part = getattr(learner, LOCAL_MODULE, None)
+    num_classes = len(session.data.classnames)
+    if part is None or not part.required_inputs:
+        return evaluate(learner, features, labels, num_classes)
+    learner.eval()
+    tokens = session.test_patch_tokens()
+    encoder, ctx, scale = learner.prompt_encoder, learner.ctx, session.backbone.logit_scale()
+    predictions = [
+        part.own_logits(encoder, ctx, scale, patch_tokens=tokens[begin : begin + 64])
+        .argmax(dim=1)
+        .cpu()
+        for begin in range(0, len(tokens), 64)
+    ]
+    return classification_metrics(labels.numpy(), torch.cat(predictions).numpy(), num_classes)
+
+
 def evaluate_session(
     session: SiteSession,
     global_state: Mapping[str, torch.Tensor | np.ndarray],
@@ -405,7 +440,7 @@ def evaluate_session(
     personalized = None
     if personalization_for(session.cfg).personalized and len(session.data.test):
         own = personalized_learner(session, global_state, local_state)
-        personalized = evaluate(own, features, labels, num_classes)
+        personalized = personalized_metrics(session, own, features, labels)
     attack_asked = session.cfg.evaluation.get("membership_inference", False)
     if not attack_asked or not len(session.data.test):
         return SiteEvaluation(metrics, personalized=personalized)

@@ -293,3 +293,16 @@ def test_finetune_scores_a_fine_tuned_copy_and_keeps_nothing(tmp_path):
     assert summary["final"]["personalized_accuracy"] is not None
     assert not (out / "sites/site-0/personalization").exists()
     assert not any(ctx.state.array_records for ctx in grid.contexts.values())
+
+
+def test_fedotp_trains_on_patch_tokens_and_scores_its_own_prompt(tmp_path):
+    grid, out = _personal_run(tmp_path, "fedotp")
+    assert all(set(state) == {"ctx"} for state in _sent(grid, MessageType.TRAIN).values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["personalization"]["name"] == "fedotp"
+    assert all(
+        0.0 <= site["personalized_accuracy"] <= 1.0
+        for site in summary["final"]["per_site"].values()
+    )
+    kept = LocalStore(out / "sites/site-1/personalization/run").latest(2)[1]
+    assert set(kept) == {"personal.ctx"}

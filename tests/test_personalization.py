@@ -3,6 +3,8 @@ stay at a site, and the refusals of schemes a method or privacy setting cannot c
 
 import math
 
+import numpy as np
+import ot
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from fedprompt.personalization import (
     split_state,
 )
 from fedprompt.personalization.attach import LocalLoss, attach_local_prompt
+from fedprompt.personalization.fedotp import FedOTP, TransportPrompt, partial_transport_plan
 from fedprompt.personalization.fedpgp import FedPGP, LowRankPrompt
 from fedprompt.personalization.promptfolio import FolioPrompt, PromptFolio
 from fedprompt.training import ProximalTerm, train_local
@@ -68,11 +71,40 @@ def test_fedpgp_adds_the_low_rank_part_and_its_contrastive_term_by_hand():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_the_transport_plan_is_pots_partial_entropic_plan():
+    generator = torch.Generator().manual_seed(0)
+    similarity = 0.2 + 0.6 * torch.rand(4, 7, 2, generator=generator, dtype=torch.float64)
+    plans = partial_transport_plan(similarity, eps=0.05, mass=0.8, max_iter=5000, thresh=1e-14)
+    for sim, plan in zip(similarity, plans, strict=True):
+        reference = ot.partial.entropic_partial_wasserstein(
+            np.full(7, 1 / 7), np.full(2, 0.4), (1 - sim).numpy(), reg=0.05, m=0.8
+        )
+        np.testing.assert_allclose(plan.numpy(), reference, atol=1e-7)
+        np.testing.assert_allclose(plan.sum(0).numpy(), [0.4, 0.4], atol=1e-9)  # prompts exact
+        assert (plan.sum(1) <= 1 / 7 + 1e-9).all()  # patches bounded
+
+
+def test_the_transport_score_by_hand():
+    # One patch (1, 0); the global prompt's feature (1, 0), the local one's (0, 1): the patch
+    # gives 0.4 to each prompt, so the score is 0.4 * 1 + 0.4 * 0.
+    part = TransportPrompt(torch.tensor([[0.0, 1.0]]), eps=0.01, mass=0.8, max_iter=100, thresh=0)
+    score = part.transport_scores(
+        IdentityEncoder(), torch.tensor([[1.0, 0.0]]), torch.tensor([[[1.0, 0.0]]])
+    )
+    torch.testing.assert_close(score, torch.tensor([[0.4]]))
+    # A patch (1, 1) / sqrt(2) meets both prompts at cosine 1 / sqrt(2): 0.8 / sqrt(2) in all.
+    logits = part.own_logits(
+        IdentityEncoder(), torch.tensor([[1.0, 0.0]]), 10.0, patch_tokens=torch.ones(1, 1, 2)
+    )
+    torch.testing.assert_close(logits, torch.tensor([[10 * 0.8 / math.sqrt(2)]]))
+
+
 @pytest.mark.parametrize(
     ("scheme", "local_keys"),
     [
         (PromptFolio(mix=0.4), {"personal.ctx"}),
         (FedPGP(rank=2), {"personal.u", "personal.v"}),
+        (FedOTP(), {"personal.ctx"}),
     ],
 )
 def test_a_site_trains_both_parts_and_only_the_global_one_travels(
@@ -83,7 +115,10 @@ def test_a_site_trains_both_parts_and_only_the_global_one_travels(
     assert attach_local_prompt(scheme, learner, None, torch.Generator().manual_seed(0))
     before = learner.trainable_state()
     features, labels = _site(miniature_backbone)
-    train_local(LocalLoss(learner, learner), features, labels, TRAIN, seed=0)
+    tokens = [torch.randn(len(labels), 5, miniature_backbone.embed_dim)]
+    trainee = LocalLoss(learner, learner)
+    extras = {"patch_tokens": tokens} if "patch_tokens" in trainee.required_inputs else {}
+    train_local(trainee, features, labels, TRAIN, seed=0, **extras)
     shared, own = split_state(learner.trainable_state())
     assert set(shared) == set(start) == {"ctx"} and set(own) == local_keys
     assert all(key.startswith(LOCAL_PREFIX) for key in own)
@@ -167,6 +202,8 @@ def test_the_context_methods_are_the_registered_coop_family():
         (["personalization=fedpgp", "personalization.rank=0"], r"personalization.rank=0"),
         (["personalization=finetune", "personalization.local_epochs=0"], r"local_epochs=0"),
         (["personalization=fedrep"], "Could not find 'personalization/fedrep'|fedrep"),
+        (["personalization=fedotp", "method=kgcoop"], "runs with method=coop, not method=kgcoop"),
+        (["personalization=fedotp", "personalization.mass=0"], r"personalization.mass=0"),
     ],
 )
 def test_a_scheme_the_run_cannot_carry_is_one_sentence(overrides, message):

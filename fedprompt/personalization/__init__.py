@@ -16,6 +16,7 @@ from fedprompt.personalization.base import (
     Personalization,
     split_state,
 )
+from fedprompt.personalization.fedotp import FedOTP
 from fedprompt.personalization.fedpgp import FedPGP
 from fedprompt.personalization.finetune import FineTune
 from fedprompt.personalization.local_only import LocalOnly
@@ -27,6 +28,7 @@ SCHEMES: dict[str, type[Personalization]] = {
     "finetune": FineTune,
     "promptfolio": PromptFolio,
     "fedpgp": FedPGP,
+    "fedotp": FedOTP,
 }
 """Values of ``personalization.name``."""
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from fedprompt.learners import Learner
 from fedprompt.personalization.base import LOCAL_PREFIX, Personalization
@@ -57,7 +58,10 @@ class LocalLoss(torch.nn.Module):
         super().__init__()
         self.trainee = trainee
         self.learner = learner
-        self.required_inputs = getattr(trainee, "required_inputs", learner.required_inputs)
+        part = getattr(learner, LOCAL_MODULE)
+        self.required_inputs = part.required_inputs or getattr(
+            trainee, "required_inputs", learner.required_inputs
+        )
 
     @property
     def backbone(self) -> Any:
@@ -67,8 +71,18 @@ class LocalLoss(torch.nn.Module):
     def loss(
         self, image_features: torch.Tensor, labels: torch.Tensor, **extras: torch.Tensor
     ) -> torch.Tensor:
-        """The wrapped loss plus the local part's term (where it has one)."""
-        loss = self.trainee.loss(image_features, labels, **extras)
+        """The wrapped loss plus the local part's term (where it has one).
+
+        A part with its own logits (FedOTP's transport scores) replaces the method's loss by the
+        cross-entropy of those logits: the configuration allows it for CoOp only, whose loss is
+        exactly that cross-entropy of its own logits.
+        """
         part = getattr(self.learner, LOCAL_MODULE)
-        extra = part.extra_loss(self.learner.prompt_encoder, self.learner.ctx)
+        encoder, ctx = self.learner.prompt_encoder, self.learner.ctx
+        own = part.own_logits(encoder, ctx, self.learner.backbone.logit_scale(), **extras)
+        if own is not None:
+            loss = F.cross_entropy(own, labels.to(own.device))
+        else:
+            loss = self.trainee.loss(image_features, labels, **extras)
+        extra = part.extra_loss(encoder, ctx)
         return loss if extra is None else loss + extra

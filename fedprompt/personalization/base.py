@@ -34,7 +34,13 @@ def split_state(
 
 
 class LocalPrompt(torch.nn.Module, abc.ABC):
-    """A site's own prompt tensors beside the global context of a CoOp-family learner."""
+    """A site's own prompt tensors beside the global context of a CoOp-family learner.
+
+    ``required_inputs`` names the per-image extras its ``own_logits`` needs (as a learner's do);
+    a part that has its own logits replaces the method's cross-entropy with its own.
+    """
+
+    required_inputs: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def text_features(self, encoder: PromptTextEncoder, ctx: torch.Tensor) -> torch.Tensor:
@@ -42,6 +48,16 @@ class LocalPrompt(torch.nn.Module, abc.ABC):
 
     def extra_loss(self, encoder: PromptTextEncoder, ctx: torch.Tensor) -> torch.Tensor | None:
         """A term the scheme adds to the method's loss (None: none)."""
+        return None
+
+    def own_logits(
+        self,
+        encoder: PromptTextEncoder,
+        ctx: torch.Tensor,
+        logit_scale: float,
+        **extras: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Class logits (B, C) from the ``required_inputs`` (None: the method's own logits)."""
         return None
 
 
