@@ -146,6 +146,7 @@ COMMON: tuple[Rule, ...] = (
     Rule("features.memory_mb", float, low=0),
     Rule("features.patch_tokens_budget_mb", float, low=0),
     Rule("features.normalization", str, choices=("backbone", "imagenet")),
+    Rule("evaluation.holdout_sites", int, low=0),
 )
 
 WHERE_PRESENT: tuple[Rule, ...] = (
@@ -299,6 +300,23 @@ def _cross_checks(cfg: DictConfig) -> str | None:
         return (
             f"method=zeroshot trains nothing, so privacy={privacy} has nothing to protect; use "
             "privacy=none."
+        )
+    holdout = int(_value(cfg, "evaluation.holdout_sites") or 0)
+    if holdout and not simulated:
+        return (
+            f"evaluation.holdout_sites={holdout} holds out simulated sites; in deployment a "
+            "hospital that only evaluates is not supported yet, so set it to 0."
+        )
+    if holdout and (federation.secure_aggregation or privacy == "site_level"):
+        what = "SecAgg+" if federation.secure_aggregation else "privacy=site_level"
+        return (
+            f"evaluation.holdout_sites={holdout}: {what} needs every sampled site's update, "
+            "and a held-out site sends none; set evaluation.holdout_sites=0."
+        )
+    if holdout >= int(federation.num_sites):
+        return (
+            f"evaluation.holdout_sites={holdout} would leave no site to train among "
+            f"federation.num_sites={federation.num_sites}; hold out fewer sites."
         )
     problem = _personalization_problem(cfg)
     if problem is not None:

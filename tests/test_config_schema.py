@@ -50,6 +50,7 @@ def test_the_shipped_experiments_pass(experiment):
         (["dataset=image_folder", "dataset.test_fraction=1"], r"dataset.test_fraction=1 .* < 1"),
         (["features.normalization=clip"], r"features.normalization=clip .* backbone, imagenet"),
         (["train.lr_step=round"], r"train.lr_step=round .* one of epoch, batch"),
+        (["evaluation.holdout_sites=-1"], r"evaluation.holdout_sites=-1 .* >= 0"),
         (["partition.acquisition=mri"], r"partition.acquisition=mri .* one of none, scanner"),
         (["dataset=manifest", "dataset.manifest=null"], r"dataset.manifest=null .* a string"),
     ],
@@ -85,6 +86,15 @@ def test_an_out_of_range_value_is_one_sentence_naming_key_value_and_range(overri
         (
             ["partition.acquisition=scanner", "federation.mode=deployment"],
             "partition.acquisition=scanner simulates sites that differ in acquisition",
+        ),
+        (["evaluation.holdout_sites=3"], "would leave no site to train among"),
+        (
+            ["evaluation.holdout_sites=1", "federation.mode=deployment"],
+            "holds out simulated sites",
+        ),
+        (
+            ["evaluation.holdout_sites=1", "federation.secure_aggregation=true"],
+            "SecAgg\\+ needs every sampled site's update",
         ),
     ],
 )

@@ -254,3 +254,61 @@ def test_under_secagg_one_rejected_reply_discards_the_whole_sum():
     arrays, _ = validation.aggregate_train(2, [train_reply(1, 3.0), train_reply(2, 3.0)])
     assert rejections == [] and aggregated == [(1, 10), (2, 10)]
     np.testing.assert_allclose(arrays["ctx"].numpy(), 3.0)
+
+
+def _held_out_reply(node):
+    metrics = MetricRecord({"num-examples": 0, "held-out": 1})
+    return Message(RecordDict({"metrics": metrics}), reply_to=instruction(node, MessageType.TRAIN))
+
+
+def test_a_held_out_site_is_left_out_and_the_claim_from_another_site_rejected():
+    rejections, withheld = [], []
+    validator = UpdateValidation(
+        FedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1),
+        REFERENCE,
+        site_name=lambda node: f"hospital-{node}",
+        on_reject=lambda *args: rejections.append(args),
+        on_withhold=lambda *args: withheld.append(args),
+        held_out=["hospital-9"],
+    )
+    good = [train_reply(2, value=1.0, num_examples=10), train_reply(3, value=2.0, num_examples=30)]
+    arrays, _ = validator.aggregate_train(1, [*good, _held_out_reply(9), _held_out_reply(4)])
+    np.testing.assert_allclose(arrays["ctx"].numpy(), np.full(SHAPE, 1.75, np.float32))
+    assert [node for node, _ in withheld] == [9] and "held out" in withheld[0][1]
+    assert [(node, why) for node, _, why in rejections] == [
+        (4, "it says it is held out of training, but it is not one of the evaluation.holdout_sites")
+    ]
+
+
+def test_held_out_sites_never_train_and_score_the_global_prompt(tmp_path):
+    overrides = [
+        "federation.num_sites=4",
+        "evaluation.holdout_sites=1",
+        "federation.rounds=2",
+        f"output_dir={tmp_path}",
+    ]
+    grid = InProcessGrid(
+        [{"partition-id": i, "num-partitions": 4} for i in range(4)],
+        default_run_config("quickstart") | {"overrides": " ".join(overrides)},
+    )
+    summary = run_federation(grid, compose_config("quickstart", overrides))
+    held = [r for r in grid.replies if r.metadata.src_node_id == 104]  # site-3
+    train = [r for r in held if r.metadata.message_type == MessageType.TRAIN]
+    assert len(train) == 2 and all(not r.content.array_records for r in train)
+    assert all(
+        dict(r.content["metrics"]) == {"num-examples": 0, "site-index": 3, "held-out": 1}
+        for r in train
+    )
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        assert "site-3" not in line["aggregated"] and line["num_trained"] == 3
+        assert line["held_out"] == ["site-3"] and line["rejected"] == {}
+        assert line["unseen_site_accuracy"] == line["sites"]["site-3"]["accuracy"]
+    final = summary["final"]
+    assert final["per_site"]["site-3"]["held_out"] is True
+    assert final["unseen_site_accuracy"] == final["per_site"]["site-3"]["accuracy"]
+    trained = [s for name, s in final["per_site"].items() if name != "site-3"]
+    weighted = sum(s["accuracy"] * s["num_test"] for s in trained) / sum(
+        s["num_test"] for s in trained
+    )
+    assert final["federated_accuracy"] == pytest.approx(weighted)

@@ -31,6 +31,7 @@ from fedprompt.federation.local_site import (
 from fedprompt.federation.run_config import config_from_run_config
 from fedprompt.federation.secure_aggregation import secure_aggregation_mod
 from fedprompt.federation.site_level_dp import SITE_WEIGHT_KEY, site_level_clipping_mod
+from fedprompt.federation.validation import HELD_OUT_KEY
 from fedprompt.privacy.dp_training import DPTrainStats
 from fedprompt.site_rounds import privacy_mode
 from fedprompt.user_errors import USER_ERRORS
@@ -127,7 +128,8 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global prompt on this site's images and send back its tensors only.
 
     Only the global part travels: a personalization scheme's local tensors are kept in the
-    node's state and on the site's disk (``keep_local_state``), never in the reply.
+    node's state and on the site's disk (``keep_local_state``), never in the reply. A held-out
+    site (``evaluation.holdout_sites``) trains nothing and answers with ``held-out`` only.
 
     Under ``privacy=dpsgd`` the site's ledger lives in the node's state between rounds (and on
     disk beside its checkpoint); the reply then carries the privacy spent (``dp-*``) and no
@@ -136,6 +138,10 @@ def train(msg: Message, context: Context) -> Message:
     """
     try:
         site = _open(context)
+        if site.held_out:
+            # An unseen hospital: it sends neither tensors nor its number of images.
+            values = {"num-examples": 0, **_identity(site), HELD_OUT_KEY: 1}
+            return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
         config = msg.content["config"]
         server_round = int(config["server-round"])
         saved = context.state.config_records.get(LEDGER_KEY)
@@ -208,7 +214,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         values["accuracy"] = result.metrics.accuracy
         values["balanced-accuracy"] = result.metrics.balanced_accuracy
         values["macro-f1"] = result.metrics.macro_f1
-    if result.personalized is not None:
+    if result.personalized is not None and not site.held_out:
         values["personalized-accuracy"] = result.personalized.accuracy
     if result.mia_auc is not None:
         values["mia-auc"] = result.mia_auc

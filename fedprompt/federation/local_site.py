@@ -70,6 +70,15 @@ class NodeSite:
     state_dir: Path | None
 
     @property
+    def held_out(self) -> bool:
+        """Whether this simulated site is held out: it never trains, it only scores.
+
+        The last ``evaluation.holdout_sites`` sites of the partition are the unseen hospitals.
+        """
+        holdout = int(self.cfg.evaluation.get("holdout_sites", 0) or 0)
+        return not self.deployed and self.index >= int(self.cfg.federation.num_sites) - holdout
+
+    @property
     def releases(self) -> ReleaseLog | None:
         """The log of every update this site sent, where the site has a state folder."""
         return ReleaseLog(self.state_dir / "releases.json") if self.state_dir else None

@@ -148,6 +148,10 @@ def _final_metrics(lines: list[dict[str, Any]]) -> dict[str, Any]:
         final["source"] = "federated"
     final["federated_accuracy"] = last["federated_accuracy"]
     final["personalized_accuracy"] = last.get("personalized_accuracy")
+    final["unseen_site_accuracy"] = last.get("unseen_site_accuracy")
+    for name in last.get("held_out", []):
+        if name in per_site:
+            per_site[name]["held_out"] = True
     attacks = [s["mia_auc"] for s in last["sites"].values() if s.get("mia_auc") is not None]
     final["mia_auc"] = sum(attacks) / len(attacks) if attacks else None
     final["per_site"] = per_site
@@ -286,12 +290,19 @@ def _deployment_setup(
     return learner_for(classnames), SiteDirectory(trust_reported_names=False), None, classnames
 
 
+def held_out_sites(cfg: DictConfig, site_names: list[str]) -> list[str]:
+    """The sites ``evaluation.holdout_sites`` keeps out of training: the last K of the partition."""
+    count = int(cfg.evaluation.get("holdout_sites", 0) or 0)
+    return site_names[len(site_names) - count :] if count else []
+
+
 def _strategy(
     cfg: DictConfig,
     reference: ArrayRecord,
     grid: MeteredGrid,
     min_available: int,
     secure: bool = False,
+    held_out: list[str] | None = None,
 ) -> tuple[Strategy, SiteLevelStrategy | None]:
     """Validation around the configured strategy (inside Flower's DP wrapper for site-level DP).
 
@@ -322,6 +333,7 @@ def _strategy(
         on_withhold=grid.record_withheld,
         on_aggregate=grid.record_aggregated,
         secure_sum=secure,
+        held_out=held_out or [],
     )
     return validation, wrapper
 
@@ -409,7 +421,10 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     else:
         wait_for_sites(metered, num_sites, connect_timeout, min_sites=min_sites)
         min_available = min_sites
-    strategy, site_level = _strategy(cfg, reference, metered, min_available, secagg is not None)
+    held_out = held_out_sites(cfg, sites.site_names)
+    strategy, site_level = _strategy(
+        cfg, reference, metered, min_available, secagg is not None, held_out
+    )
     train_grid: Grid = metered
     if secagg is not None:
         log(INFO, "[fedprompt] secure aggregation: Flower's SecAgg+ (the server sees sums only)")
@@ -440,6 +455,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         site_level_privacy=(lambda: site_level_spent(site_level)) if site_level else None,
         roster=[str(name) for name in cfg.federation.get("sites") or []],
         dataset=dataset,
+        held_out=held_out,
     )
     identity = {
         "experiment": str(cfg.experiment_name),

@@ -96,6 +96,8 @@ class RunMonitor:
             the centre registered); one that is not connected when a round starts is missing.
         dataset: What the sites train on, in every line (``synthetic-<name>`` for the generated
             stand-in, so no line can be mistaken for a result on real images).
+        held_out: The sites kept out of training (``evaluation.holdout_sites``): their scores
+            make the line's ``unseen_site_accuracy`` and stay out of ``federated_accuracy``.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class RunMonitor:
         site_level_privacy: Callable[[], dict[str, Any]] | None = None,
         roster: Sequence[str] = (),
         dataset: str = "",
+        held_out: Sequence[str] = (),
     ) -> None:
         self.results = results
         self.grid = grid
@@ -123,6 +126,7 @@ class RunMonitor:
         self.site_level_privacy = site_level_privacy
         self.roster = list(roster)
         self.dataset = dataset
+        self.held_out = list(held_out)
         self._known: set[int] = set()
         self._round_start = time.perf_counter()
 
@@ -185,7 +189,9 @@ class RunMonitor:
             for node, t in traffic.nodes.items()
             if t.aggregated is not None
         }
-        evaluated = [s for s in sites.values() if s["accuracy"] is not None]
+        scored = {site: s for site, s in sites.items() if s["accuracy"] is not None}
+        evaluated = [s for site, s in scored.items() if site not in self.held_out]
+        unseen = [s for site, s in scored.items() if site in self.held_out]
         trained = [s for site, s in sites.items() if site in aggregated]
         losses = [(s["train_loss"], s["num_train"]) for s in trained if s["train_loss"] is not None]
         return {
@@ -201,6 +207,8 @@ class RunMonitor:
                     if s["personalized_accuracy"] is not None
                 ]
             ),
+            "unseen_site_accuracy": _weighted([(s["accuracy"], s["num_test"]) for s in unseen]),
+            "held_out": sorted(self.held_out),
             "central": central,
             "bytes_up": sum(s["bytes_up"] for s in sites.values()),
             "bytes_down": sum(s["bytes_down"] for s in sites.values()),
@@ -226,6 +234,8 @@ class RunMonitor:
             parts.append(f"federated acc {100 * line['federated_accuracy']:.1f}%")
         if line["personalized_accuracy"] is not None:
             parts.append(f"personalized acc {100 * line['personalized_accuracy']:.1f}%")
+        if line["unseen_site_accuracy"] is not None:
+            parts.append(f"unseen-site acc {100 * line['unseen_site_accuracy']:.1f}%")
         if line["central"]:
             parts.append(f"central acc {100 * line['central']['accuracy']:.1f}%")
             if "harmonic_mean" in line["central"]:
@@ -239,8 +249,9 @@ class RunMonitor:
             parts.append(f"missing {', '.join(line['missing'])}")
         if line["rejected"]:
             parts.append(f"rejected {', '.join(line['rejected'])}")
-        if line["withheld"]:
-            parts.append(f"left out {', '.join(line['withheld'])}")
+        left_out = [site for site in line["withheld"] if site not in self.held_out]
+        if left_out:
+            parts.append(f"left out {', '.join(left_out)}")
         if line["no_test_images"]:
             parts.append(f"no test images at {', '.join(line['no_test_images'])}")
         epsilons = [s["dp_epsilon"] for s in line["sites"].values() if s["dp_epsilon"] is not None]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -33,6 +33,8 @@ Aggregation = Callable[[int, int], None]
 """Called as ``(node_id, weight)`` for each update handed to the aggregation rule."""
 
 BUDGET_EXHAUSTED_KEY = "dp-budget-exhausted"
+HELD_OUT_KEY = "held-out"
+"""The train-reply metric of a held-out site (``evaluation.holdout_sites``): it did not train."""
 """Set to 1 by a DP-SGD site whose next round would exceed its privacy budget."""
 
 
@@ -88,6 +90,9 @@ class UpdateValidation(Strategy):
         secure_sum: The replies carry one securely aggregated sum (SecAgg+), not each site's
             update: no update can be left out of it afterwards, so rejecting any reply discards
             the round's aggregate, and norms are not compared (every reply holds the same sum).
+        held_out: The sites held out of training (``evaluation.holdout_sites``): their train
+            replies say so and carry nothing else; they are left out, and the same claim from
+            any other site is rejected.
     """
 
     def __init__(
@@ -101,8 +106,10 @@ class UpdateValidation(Strategy):
         on_withhold: Withholding | None = None,
         on_aggregate: Aggregation | None = None,
         secure_sum: bool = False,
+        held_out: Collection[str] = (),
     ) -> None:
         self.strategy = strategy
+        self.held_out = frozenset(held_out)
         self.on_withhold = on_withhold
         self.on_aggregate = on_aggregate
         self.secure_sum = secure_sum
@@ -145,7 +152,7 @@ class UpdateValidation(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the replies that pass every check, in site order."""
-        replies = list(replies)
+        replies = self._without_held_out_sites(server_round, list(replies))
         failed = [reply for reply in replies if reply.has_error()]
         passed: dict[int, dict[str, np.ndarray]] = {}
         for reply in replies:
@@ -259,6 +266,26 @@ class UpdateValidation(Strategy):
                     f"{sorted(usual)}",
                 )
         return [reply for reply in replies if names[id(reply)] == usual]
+
+    def _without_held_out_sites(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Leave out the held-out sites' replies; reject the claim from any other site."""
+        kept = []
+        for reply in replies:
+            records = [] if reply.has_error() else list(reply.content.metric_records.values())
+            if not (len(records) == 1 and records[0].get(HELD_OUT_KEY, 0) == 1):
+                kept.append(reply)
+                continue
+            node_id = reply.metadata.src_node_id
+            if self.site_name(node_id) not in self.held_out:
+                self._reject(
+                    server_round,
+                    reply,
+                    "it says it is held out of training, but it is not one of the "
+                    "evaluation.holdout_sites",
+                )
+            elif self.on_withhold is not None:
+                self.on_withhold(node_id, "held out: an unseen site, it only evaluates")
+        return kept
 
     def _without_exhausted_budgets(
         self, server_round: int, replies: list[Message]
