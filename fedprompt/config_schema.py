@@ -147,6 +147,7 @@ COMMON: tuple[Rule, ...] = (
     Rule("features.patch_tokens_budget_mb", float, low=0),
     Rule("features.normalization", str, choices=("backbone", "imagenet")),
     Rule("evaluation.holdout_sites", int, low=0),
+    Rule("evaluation.unseen_datasets", list),
 )
 
 WHERE_PRESENT: tuple[Rule, ...] = (
@@ -317,6 +318,12 @@ def _cross_checks(cfg: DictConfig) -> str | None:
         return (
             f"evaluation.holdout_sites={holdout} would leave no site to train among "
             f"federation.num_sites={federation.num_sites}; hold out fewer sites."
+        )
+    unseen = _value(cfg, "evaluation.unseen_datasets") or []
+    if unseen and not simulated:
+        return (
+            "evaluation.unseen_datasets is scored by the server on images it holds; in "
+            "deployment the centre holds none, so leave it empty."
         )
     problem = _personalization_problem(cfg)
     if problem is not None:

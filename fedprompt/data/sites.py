@@ -12,7 +12,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.backbones import default_cache_dir
-from fedprompt.config import CONFIG_DIR
+from fedprompt.config import CONFIG_DIR, ConfigError
 from fedprompt.data.acquisition import AcquisitionProfile, site_profiles
 from fedprompt.data.few_shot import few_shot_indices
 from fedprompt.data.image_set import DatasetSplits, ImageSet, resolve_root
@@ -108,6 +108,27 @@ def dataset_config(cfg: DictConfig) -> dict[str, Any]:
     if dataset_cfg.get("root") is not None:
         dataset_cfg["root"] = str(resolve_root(dataset_cfg["root"]))
     return dataset_cfg
+
+
+def with_dataset(cfg: DictConfig, name: str) -> DictConfig:
+    """``cfg`` with its ``dataset`` section replaced by ``configs/dataset/<name>.yaml``.
+
+    For a site or an evaluation that reads another dataset than the run's own (sites with
+    different tasks, unseen datasets).
+
+    Raises:
+        ConfigError: No such dataset config.
+    """
+    path = CONFIG_DIR / "dataset" / f"{name}.yaml"
+    if not path.is_file():
+        offered = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"dataset {name} is not one of fedprompt's dataset configs ({offered}).")
+    other = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(other, dict)
+    section = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(section, dict)
+    other["dataset"] = section
+    return OmegaConf.create(other)
 
 
 def load_splits(cfg: DictConfig) -> DatasetSplits:

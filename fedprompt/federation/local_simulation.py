@@ -301,15 +301,15 @@ def _stream(command: list[str], env: dict[str, str], output: FlowerOutput) -> in
 def check_before_flower(cfg: DictConfig) -> None:
     """What a run needs that can be checked in this process, so it fails before Flower starts.
 
-    The dataset's index, the authors' descriptions where asked for, each simulated site's
-    training set against the privacy settings, and Flower's own checks of the SecAgg+
-    parameters. ``check_config`` has checked the keys themselves.
+    The dataset's index (and the unseen datasets'), the authors' descriptions where asked for,
+    each simulated site's training set against the privacy settings, and Flower's own checks of
+    the SecAgg+ parameters. ``check_config`` has checked the keys themselves.
 
     Raises:
         ConfigError, DataError, DescriptionsError: The first problem, in one sentence.
     """
     from fedprompt.config_schema import check_site_sizes
-    from fedprompt.data.sites import load_splits
+    from fedprompt.data.sites import load_splits, with_dataset
     from fedprompt.federation.orchestration import secagg_settings
     from fedprompt.site_rounds import site_train_sizes
     from fedprompt.text.descriptions import AUTHORS, author_descriptions_file
@@ -317,6 +317,8 @@ def check_before_flower(cfg: DictConfig) -> None:
     splits = load_splits(cfg)
     if cfg.method.get("descriptions") == AUTHORS:
         author_descriptions_file(splits.classnames)
+    for name in cfg.evaluation.get("unseen_datasets") or []:
+        load_splits(with_dataset(cfg, str(name)))
     if cfg.federation.mode == "simulation":
         check_site_sizes(cfg, site_train_sizes(cfg))
     secagg_settings(cfg)

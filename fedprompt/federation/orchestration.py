@@ -27,7 +27,13 @@ from fedprompt.config import ConfigError
 from fedprompt.config_schema import check_config, check_site_sizes
 from fedprompt.data.features import PROCESS_FEATURE_CACHE
 from fedprompt.data.protocols import novel_splits, protocol_name, protocol_report
-from fedprompt.data.sites import dataset_name, load_splits, plan_report, write_site_views
+from fedprompt.data.sites import (
+    dataset_name,
+    load_splits,
+    plan_report,
+    with_dataset,
+    write_site_views,
+)
 from fedprompt.evaluation.metrics import BaseToNovelMetrics, ClassificationMetrics
 from fedprompt.federation.checkpoint import (
     Checkpoint,
@@ -149,6 +155,7 @@ def _final_metrics(lines: list[dict[str, Any]]) -> dict[str, Any]:
     final["federated_accuracy"] = last["federated_accuracy"]
     final["personalized_accuracy"] = last.get("personalized_accuracy")
     final["unseen_site_accuracy"] = last.get("unseen_site_accuracy")
+    final["unseen_dataset_accuracy"] = last.get("unseen_datasets")
     for name in last.get("held_out", []):
         if name in per_site:
             per_site[name]["held_out"] = True
@@ -202,6 +209,65 @@ def _novel_evaluation(
         return evaluate(learner, features, labels, len(novel.classnames))
 
     return list(full.classnames), score
+
+
+def _class_agnostic(cfg: DictConfig, reference: Learner, other: Learner, what: str) -> None:
+    """Refuse a method whose trainable state depends on the class list, for ``what``.
+
+    Raises:
+        ConfigError: The two learners' trainable states differ in keys or shapes.
+    """
+    shapes = {k: tuple(v.shape) for k, v in other.trainable_state().items()}
+    if shapes != {k: tuple(v.shape) for k, v in reference.trainable_state().items()}:
+        raise ConfigError(
+            f"method={cfg.method.name}'s trainable state depends on the class list, so one "
+            f"prompt cannot serve {what}; use a class-agnostic method (or "
+            "method.class_specific=false)."
+        )
+
+
+UnseenEvaluation = Callable[[ArrayRecord], dict[str, float]]
+
+
+def _unseen_datasets(
+    cfg: DictConfig, backbone: Backbone, reference: Learner
+) -> UnseenEvaluation | None:
+    """A scorer of the global prompt on ``evaluation.unseen_datasets``, which no site holds.
+
+    Each dataset's test split is scored with its own class list, the learned context as it is
+    (zero-shot transfer of the prompt): accuracy per dataset.
+
+    Raises:
+        ConfigError: The method's state depends on the class list, or no such dataset.
+    """
+    names = [str(name) for name in cfg.evaluation.get("unseen_datasets") or []]
+    if not names:
+        return None
+    settings = feature_settings(cfg)
+    scorers = {}
+    for name in names:
+        other = with_dataset(cfg, name)
+        splits = load_splits(other)
+        learner = build_learner(other, backbone, list(splits.classnames))
+        _class_agnostic(cfg, reference, learner, f"the unseen dataset {name}")
+        features, labels = PROCESS_FEATURE_CACHE.get(
+            backbone,
+            splits.test,
+            settings.batch_size,
+            f"{name} test features",
+            normalization=settings.normalization,
+        )
+        scorers[dataset_name(other)] = (learner, features, labels, len(splits.classnames))
+
+    def score(arrays: ArrayRecord) -> dict[str, float]:
+        state = arrays.to_torch_state_dict()
+        accuracy = {}
+        for name, (learner, features, labels, num_classes) in scorers.items():
+            learner.load_trainable_state(state)
+            accuracy[name] = evaluate(learner, features, labels, num_classes).accuracy
+        return accuracy
+
+    return score
 
 
 def _simulation_setup(
@@ -410,6 +476,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         learner, sites, central, classnames = _deployment_setup(cfg, learner_for)
     initial_state = learner.trainable_state()
     reference = ArrayRecord(initial_state)
+    unseen = _unseen_datasets(cfg, backbone, learner) if mode == "simulation" else None
 
     num_sites = int(cfg.federation.num_sites)
     min_sites = int(cfg.federation.min_sites)
@@ -456,6 +523,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         roster=[str(name) for name in cfg.federation.get("sites") or []],
         dataset=dataset,
         held_out=held_out,
+        unseen_datasets=unseen,
     )
     identity = {
         "experiment": str(cfg.experiment_name),

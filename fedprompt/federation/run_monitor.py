@@ -98,6 +98,8 @@ class RunMonitor:
             stand-in, so no line can be mistaken for a result on real images).
         held_out: The sites kept out of training (``evaluation.holdout_sites``): their scores
             make the line's ``unseen_site_accuracy`` and stay out of ``federated_accuracy``.
+        unseen_datasets: Accuracy of the global prompt on each dataset no site holds
+            (``evaluation.unseen_datasets``), for the line's ``unseen_datasets``.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class RunMonitor:
         roster: Sequence[str] = (),
         dataset: str = "",
         held_out: Sequence[str] = (),
+        unseen_datasets: Callable[[ArrayRecord], dict[str, float]] | None = None,
     ) -> None:
         self.results = results
         self.grid = grid
@@ -127,6 +130,7 @@ class RunMonitor:
         self.roster = list(roster)
         self.dataset = dataset
         self.held_out = list(held_out)
+        self.unseen_datasets = unseen_datasets
         self._known: set[int] = set()
         self._round_start = time.perf_counter()
 
@@ -147,6 +151,7 @@ class RunMonitor:
         run_round = server_round + self.round_offset
         central = self.central(arrays).as_dict() if self.central else None
         line = self._line(run_round, self.grid.take_round(), central)
+        line["unseen_datasets"] = self.unseen_datasets(arrays) if self.unseen_datasets else None
         self.results.append_metrics(line)
         self.results.save_state(arrays.to_torch_state_dict())
         save_checkpoint(self.results, run_round, arrays, self.strategy, self.initial)
@@ -236,6 +241,8 @@ class RunMonitor:
             parts.append(f"personalized acc {100 * line['personalized_accuracy']:.1f}%")
         if line["unseen_site_accuracy"] is not None:
             parts.append(f"unseen-site acc {100 * line['unseen_site_accuracy']:.1f}%")
+        for name, accuracy in (line["unseen_datasets"] or {}).items():
+            parts.append(f"unseen {name} acc {100 * accuracy:.1f}%")
         if line["central"]:
             parts.append(f"central acc {100 * line['central']['accuracy']:.1f}%")
             if "harmonic_mean" in line["central"]:
