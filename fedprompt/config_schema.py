@@ -148,6 +148,7 @@ COMMON: tuple[Rule, ...] = (
     Rule("features.normalization", str, choices=("backbone", "imagenet")),
     Rule("evaluation.holdout_sites", int, low=0),
     Rule("evaluation.unseen_datasets", list),
+    Rule("federation.site_datasets", list, nullable=True),
 )
 
 WHERE_PRESENT: tuple[Rule, ...] = (
@@ -319,6 +320,9 @@ def _cross_checks(cfg: DictConfig) -> str | None:
             f"evaluation.holdout_sites={holdout} would leave no site to train among "
             f"federation.num_sites={federation.num_sites}; hold out fewer sites."
         )
+    problem = _tasks_problem(cfg)
+    if problem is not None:
+        return problem
     unseen = _value(cfg, "evaluation.unseen_datasets") or []
     if unseen and not simulated:
         return (
@@ -378,6 +382,52 @@ def _cross_checks(cfg: DictConfig) -> str | None:
                 f"federation.{key}={federation[key]}: SecAgg+ sums at least two sites' prompts; "
                 "raise it to 2 or more, or set federation.secure_aggregation=false."
             )
+    return None
+
+
+def _tasks_problem(cfg: DictConfig) -> str | None:
+    """Why sites with different tasks (``federation.site_datasets``) cannot run so, or None."""
+    tasks = _value(cfg, "federation.site_datasets") or []
+    if not tasks:
+        return None
+    federation = cfg.federation
+    if federation.mode != "simulation":
+        return (
+            "federation.site_datasets simulates sites with different tasks; a deployed "
+            "federation shares one class list, so leave it null."
+        )
+    if int(federation.num_sites) != len(tasks):
+        return (
+            f"federation.site_datasets names {len(tasks)} datasets, one per site, but "
+            f"federation.num_sites={federation.num_sites}; set federation.num_sites={len(tasks)}."
+        )
+    if cfg.evaluation.central:
+        return (
+            "federation.site_datasets gives each site its own task, so there is no one central "
+            "test split; set evaluation.central=false (each site scores its own)."
+        )
+    others = [
+        f"{group}={_group(cfg, group)}"
+        for group, neutral in (("partition", "iid"), ("protocol", "few_shot"))
+        if _group(cfg, group) not in (neutral, "")
+    ]
+    if _value(cfg, "partition.acquisition") not in (None, "none"):
+        others.append(f"partition.acquisition={_value(cfg, 'partition.acquisition')}")
+    if others:
+        return (
+            f"federation.site_datasets gives each site a whole dataset, which {others[0]} "
+            "would not change; use it with partition=iid, protocol=few_shot and no acquisition."
+        )
+    method = _group(cfg, "method")
+    if method in ("linear_probe", "zeroshot") or _value(cfg, "method.class_specific"):
+        what = f"method={method}"
+        if _value(cfg, "method.class_specific"):
+            what += " with method.class_specific=true"
+        return (
+            f"federation.site_datasets shares one prompt between sites with different class "
+            f"lists, and {what} learns nothing shared across class lists; use a shared-context "
+            "method such as coop."
+        )
     return None
 
 

@@ -27,7 +27,14 @@ from fedprompt.data.few_shot import few_shot_indices
 from fedprompt.data.image_set import DatasetSplits, ImageSet
 from fedprompt.data.partition import SitePartition
 from fedprompt.data.protocols import training_splits
-from fedprompt.data.sites import SiteData, load_splits, plan_sites, site_data, site_train_indices
+from fedprompt.data.sites import (
+    SiteData,
+    load_splits,
+    plan_sites,
+    site_data,
+    site_train_indices,
+    with_dataset,
+)
 from fedprompt.evaluation.membership_inference import membership_inference_auc
 from fedprompt.evaluation.metrics import ClassificationMetrics, classification_metrics
 from fedprompt.learners import Learner, create_learner
@@ -99,8 +106,33 @@ def splits_and_plan(cfg: DictConfig) -> tuple[DatasetSplits, SitePartition]:
     return _splits_and_plan(OmegaConf.to_yaml(data_cfg))
 
 
+def site_tasks(cfg: DictConfig) -> list[str]:
+    """``federation.site_datasets``: the dataset each simulated site holds (empty: one shared)."""
+    return [str(name) for name in cfg.federation.get("site_datasets") or []]
+
+
+def task_config(cfg: DictConfig, site_index: int) -> DictConfig:
+    """The config site ``site_index`` of a federation of different tasks trains with.
+
+    Its own dataset, held whole by one site (``federation.site_datasets``), with its own class
+    list; everything else is the run's. Few-shot draws are seeded per site, as in any run.
+    """
+    name = site_tasks(cfg)[site_index]
+    own = OmegaConf.to_container(with_dataset(cfg, name), resolve=True)
+    assert isinstance(own, dict)
+    own["federation"].update(num_sites=1, site_datasets=None)
+    own["partition"] = {"name": "iid"}
+    own["seed"] = int(cfg.seed) + site_index
+    return OmegaConf.create(own)
+
+
 def site_train_sizes(cfg: DictConfig) -> dict[str, int]:
     """Each simulated site's number of training images (after few-shot sampling), by name."""
+    if site_tasks(cfg):
+        return {
+            f"site-{index}": len(open_site(cfg, index).data.train)
+            for index in range(len(site_tasks(cfg)))
+        }
     splits, plan = splits_and_plan(cfg)
     return {
         name: len(site_train_indices(cfg, splits, plan, index))
@@ -147,7 +179,17 @@ class SiteSession:
 
 
 def open_site(cfg: DictConfig, site_index: int) -> SiteSession:
-    """Everything site ``site_index`` needs, from the per-process caches."""
+    """Everything site ``site_index`` needs, from the per-process caches.
+
+    Under ``federation.site_datasets`` the site holds its own dataset, with its own classes.
+    """
+    if site_tasks(cfg):
+        own = task_config(cfg, site_index)
+        splits, plan = splits_and_plan(own)
+        data = dataclasses.replace(
+            site_data(own, splits, plan, 0), name=f"site-{site_index}", index=site_index
+        )
+        return SiteSession(own, backbone_for(own), data)
     splits, plan = splits_and_plan(cfg)
     return SiteSession(cfg, backbone_for(cfg), site_data(cfg, splits, plan, site_index))
 

@@ -12,7 +12,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.backbones import default_cache_dir
-from fedprompt.config import CONFIG_DIR, ConfigError
+from fedprompt.config import CONFIG_DIR, ConfigError, compose_config, list_choices
 from fedprompt.data.acquisition import AcquisitionProfile, site_profiles
 from fedprompt.data.few_shot import few_shot_indices
 from fedprompt.data.image_set import DatasetSplits, ImageSet, resolve_root
@@ -119,13 +119,14 @@ def with_dataset(cfg: DictConfig, name: str) -> DictConfig:
     Raises:
         ConfigError: No such dataset config.
     """
-    path = CONFIG_DIR / "dataset" / f"{name}.yaml"
-    if not path.is_file():
-        offered = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+    if not (CONFIG_DIR / "dataset" / f"{name}.yaml").is_file():
+        offered = ", ".join(list_choices("dataset"))
         raise ConfigError(f"dataset {name} is not one of fedprompt's dataset configs ({offered}).")
     other = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(other, dict)
-    section = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    # Composed, not loaded: a dataset file may extend another (btmri_mini extends btmri).
+    composed = compose_config(None, [f"dataset={name}"])
+    section = OmegaConf.to_container(composed.dataset, resolve=True)
     assert isinstance(section, dict)
     other["dataset"] = section
     return OmegaConf.create(other)

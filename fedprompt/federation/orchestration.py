@@ -61,8 +61,10 @@ from fedprompt.site_rounds import (
     backbone_for,
     build_learner,
     feature_settings,
+    open_site,
     personalization_for,
     privacy_mode,
+    site_tasks,
     site_train_sizes,
     splits_and_plan,
 )
@@ -307,6 +309,45 @@ def _simulation_setup(
     return learner, SiteDirectory(plan.site_names), central, classnames
 
 
+def _tasks_setup(
+    cfg: DictConfig, results: ResultsFolder, learner_for: LearnerFactory
+) -> tuple[Learner, SiteDirectory, CentralEvaluation | None, list[str]]:
+    """Sites with different tasks (``federation.site_datasets``): each holds its own dataset.
+
+    The shared prompt must fit every site's class list, so the method's trainable state may
+    not depend on it. There is no one central test split: each site scores its own.
+
+    Raises:
+        ConfigError: The method's trainable state depends on the class list.
+    """
+    tasks = site_tasks(cfg)
+    sessions = [open_site(cfg, index) for index in range(len(tasks))]
+    learners = [learner_for(list(session.data.classnames)) for session in sessions]
+    for name, other in zip(tasks[1:], learners[1:], strict=True):
+        _class_agnostic(cfg, learners[0], other, f"sites whose tasks differ ({name})")
+    results.write_json(
+        "partitions.json",
+        {
+            "scheme": "site_datasets",
+            "seed": int(cfg.seed),
+            "shots": int(cfg.train.shots),
+            "sites": [
+                {
+                    "name": session.data.name,
+                    "dataset": dataset_name(session.cfg),
+                    "classnames": list(session.data.classnames),
+                    "num_train": len(session.data.train),
+                    "num_test": len(session.data.test),
+                }
+                for session in sessions
+            ],
+        },
+    )
+    classnames = [name for session in sessions for name in session.data.classnames]
+    names = [session.data.name for session in sessions]
+    return learners[0], SiteDirectory(names), None, classnames
+
+
 def secagg_settings(cfg: DictConfig) -> SecAggSettings | None:
     """SecAgg+'s settings when ``federation.secure_aggregation`` is on.
 
@@ -452,10 +493,13 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     if mode == "simulation":
         check_site_sizes(cfg, site_train_sizes(cfg))
     secagg = secagg_settings(cfg)
-    dataset = dataset_name(cfg) if mode == "simulation" else str(cfg.dataset.name)
+    if site_tasks(cfg):
+        dataset = "+".join(dataset_name(with_dataset(cfg, name)) for name in site_tasks(cfg))
+    else:
+        dataset = dataset_name(cfg) if mode == "simulation" else str(cfg.dataset.name)
     results, checkpoint = _open_results(cfg)
     log(INFO, "[fedprompt] results folder: %s", results.path)
-    if dataset != str(cfg.dataset.name):
+    if not site_tasks(cfg) and dataset != str(cfg.dataset.name):
         log(
             WARNING,
             "[fedprompt] dataset %s: %s's images are absent, so this run trains and tests on "
@@ -470,7 +514,9 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     def learner_for(classnames: list[str]) -> Learner:
         return build_learner(cfg, backbone, classnames)
 
-    if mode == "simulation":
+    if site_tasks(cfg):
+        learner, sites, central, classnames = _tasks_setup(cfg, results, learner_for)
+    elif mode == "simulation":
         learner, sites, central, classnames = _simulation_setup(cfg, results, learner_for)
     else:
         learner, sites, central, classnames = _deployment_setup(cfg, learner_for)
