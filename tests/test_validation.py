@@ -280,11 +280,13 @@ def test_a_held_out_site_is_left_out_and_the_claim_from_another_site_rejected():
     ]
 
 
-def test_held_out_sites_never_train_and_score_the_global_prompt(tmp_path):
+@pytest.mark.parametrize("personalization", ["none", "promptfolio"])
+def test_held_out_sites_never_train_and_score_the_global_prompt(tmp_path, personalization):
     overrides = [
         "federation.num_sites=4",
         "evaluation.holdout_sites=1",
         "federation.rounds=2",
+        f"personalization={personalization}",
         f"output_dir={tmp_path}",
     ]
     grid = InProcessGrid(
@@ -303,7 +305,8 @@ def test_held_out_sites_never_train_and_score_the_global_prompt(tmp_path):
     for line in lines:
         assert "site-3" not in line["aggregated"] and line["num_trained"] == 3
         assert line["held_out"] == ["site-3"] and line["rejected"] == {}
-        assert line["unseen_site_accuracy"] == line["sites"]["site-3"]["accuracy"]
+        assert line["unseen_site_accuracy"] == line["sites"]["site-3"]["accuracy"] is not None
+        assert line["sites"]["site-3"]["personalized_accuracy"] is None  # it has no own prompt
     final = summary["final"]
     assert final["per_site"]["site-3"]["held_out"] is True
     assert final["unseen_site_accuracy"] == final["per_site"]["site-3"]["accuracy"]

@@ -192,7 +192,9 @@ class UpdateValidation(Strategy):
         """Aggregate the evaluation replies whose metrics pass, in site order.
 
         A site without test images (``num-examples`` 0) is neither rejected nor averaged: its
-        weight would be 0 (and the only one, a division by zero), its scores absent.
+        weight would be 0 (and the only one, a division by zero), its scores absent. Nor is a
+        held-out site averaged: its scores are the unseen-site accuracy, recorded on their own
+        (and it has no personalized prompt to score).
         """
         replies = list(replies)
         failed = [reply for reply in replies if reply.has_error()]
@@ -214,6 +216,8 @@ class UpdateValidation(Strategy):
                     server_round,
                     self.site_name(reply.metadata.src_node_id),
                 )
+            elif self.site_name(reply.metadata.src_node_id) in self.held_out:
+                continue  # an unseen site's scores are its own line item, not the sites' mean
             else:
                 passed.append(reply)
         kept = self._consistent_metrics(server_round, passed)
