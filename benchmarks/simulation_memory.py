@@ -2,6 +2,11 @@
 
 Usage: python benchmarks/simulation_memory.py [--quick] [--sites 5 20 50] [--rounds 2]
        [--images-per-site 2] [--backbone biomedclip-random] [--client-cpus 1] [--interval 0.25]
+       [--personalization none promptfolio]
+
+With several ``--personalization`` schemes, each number of sites runs once per scheme and the
+peaks are compared with the first scheme's at the same number of sites (a personalized prompt
+per site must not grow the memory with the sites).
 
 Each run is the real command (``fedprompt simulate quickstart ...``): the fedprompt and ``flwr run``
 CLIs, a private SuperLink with its SuperExec, the simulation process (which also runs the
@@ -142,7 +147,9 @@ class TreeSampler(threading.Thread):
         self.join()
 
 
-def run_simulation(sites: int, args: argparse.Namespace, workdir: Path) -> dict:
+def run_simulation(
+    sites: int, args: argparse.Namespace, workdir: Path, personalization: str = "none"
+) -> dict:
     """One ``fedprompt simulate`` run, sampled; returns its peak memory and wall time."""
     per_class = math.ceil(args.images_per_site * sites / 4)
     overrides = [
@@ -159,6 +166,7 @@ def run_simulation(sites: int, args: argparse.Namespace, workdir: Path) -> dict:
         "features.batch_size=16",
         f"features.cache_dir={workdir / 'features'}",
         f"output_dir={workdir / 'run'}",
+        f"personalization={personalization}",
     ]
     (workdir / "data").mkdir()
     command = [str(Path(sys.executable).with_name("fedprompt")), "simulate", "quickstart"]
@@ -180,6 +188,7 @@ def run_simulation(sites: int, args: argparse.Namespace, workdir: Path) -> dict:
         raise RuntimeError(f"fedprompt simulate with {sites} sites failed ({code}):\n{tail}")
     return {
         "sites": sites,
+        "personalization": personalization,
         "rss_gb": sampler.peak_rss_kb / 2**20,
         "pss_gb": sampler.peak_pss_kb / 2**20,
         "roles": sampler.peak_roles,
@@ -197,6 +206,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="biomedclip-random")
     parser.add_argument("--client-cpus", type=float, default=1)
     parser.add_argument("--interval", type=float, default=0.25)
+    parser.add_argument("--personalization", nargs="+", default=["none"])
     args = parser.parse_args()
     if args.quick:
         args.sites, args.rounds = [2, 4], 1
@@ -209,25 +219,40 @@ def main() -> None:
     )
     results = []
     for sites in args.sites:
-        with tempfile.TemporaryDirectory(prefix=f"fedprompt-mem-{sites}-") as tmp:
-            results.append(run_simulation(sites, args, Path(tmp)))
-        last = results[-1]
-        roles = ", ".join(
-            f"{role} {kb / 2**20:.2f}" for role, kb in sorted(last["roles"].items()) if kb
-        )
-        print(
-            f"  {sites:3d} sites: peak RSS sum {last['rss_gb']:.2f} GB (PSS {last['pss_gb']:.2f} "
-            f"GB), {last['actors']} Ray actors, {last['wall']:.0f} s; at the peak, GB: {roles}",
-            flush=True,
-        )
-    base = results[0]
-    for result in results[1:]:
-        rss, pss = result["rss_gb"] / base["rss_gb"], result["pss_gb"] / base["pss_gb"]
-        print(
-            f"{result['sites']} vs {base['sites']} sites: RSS x{rss:.2f}, PSS x{pss:.2f} "
-            "(target <= 1.2)"
-        )
-
+        for scheme in args.personalization:
+            with tempfile.TemporaryDirectory(prefix=f"fedprompt-mem-{sites}-") as tmp:
+                results.append(run_simulation(sites, args, Path(tmp), scheme))
+            last = results[-1]
+            roles = ", ".join(
+                f"{role} {kb / 2**20:.2f}" for role, kb in sorted(last["roles"].items()) if kb
+            )
+            print(
+                f"  {sites:3d} sites, personalization={scheme}: peak RSS sum "
+                f"{last['rss_gb']:.2f} GB (PSS {last['pss_gb']:.2f} GB), {last['actors']} Ray "
+                f"actors, {last['wall']:.0f} s; at the peak, GB: {roles}",
+                flush=True,
+            )
+    first = args.personalization[0]
+    base = next(r for r in results if r["personalization"] == first)
+    for result in results:
+        if result["personalization"] == first and result is not base:
+            rss, pss = result["rss_gb"] / base["rss_gb"], result["pss_gb"] / base["pss_gb"]
+            print(
+                f"{result['sites']} vs {base['sites']} sites ({first}): RSS x{rss:.2f}, "
+                f"PSS x{pss:.2f} (target <= 1.2)"
+            )
+    for result in results:
+        if result["personalization"] != first:
+            same = next(
+                r
+                for r in results
+                if r["sites"] == result["sites"] and r["personalization"] == first
+            )
+            rss, pss = result["rss_gb"] / same["rss_gb"], result["pss_gb"] / same["pss_gb"]
+            print(
+                f"{result['sites']} sites, {result['personalization']} vs {first}: "
+                f"RSS x{rss:.2f}, PSS x{pss:.2f} (target <= 1.2)"
+            )
 
 if __name__ == "__main__":
     main()
