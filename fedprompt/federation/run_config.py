@@ -43,6 +43,7 @@ LEAF_KEYS: tuple[str, ...] = (
     "federation.rounds",
     "partition.alpha",
     "partition.classes_per_site",
+    "partition.acquisition",
     "train.shots",
     "train.local_epochs",
     "train.batch_size",
