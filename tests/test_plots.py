@@ -12,6 +12,7 @@ from fedprompt.evaluation.plots import (
     accuracy_per_round,
     accuracy_vs_epsilon,
     metric_vs_epsilon,
+    per_site_accuracy,
     round_accuracies,
     site_views,
 )
@@ -90,3 +91,28 @@ def test_site_views_show_the_stored_image_and_each_sites_acquisition(tmp_path):
     assert np.array_equal(drawn[4].images[0].get_array(), seen)
     with pytest.raises(ValueError, match="7 profiles for 2 sites"):
         site_views(image, "img/0", profiles, names[:2])
+
+
+def test_per_site_accuracy_sets_each_sites_global_beside_its_personalized_bar(tmp_path):
+    seeds = [
+        {
+            "site-0": {"accuracy": 0.50 + d, "num_test": 9, "personalized_accuracy": 0.70 + d},
+            "site-1": {"accuracy": 0.40 + d, "num_test": 9, "personalized_accuracy": 0.30 + d},
+            "site-2": {"accuracy": 0.20 + d, "num_test": 9, "held_out": True},
+        }
+        for d in (0.0, 0.1)
+    ]
+    without = [{"site-0": {"accuracy": 0.5, "num_test": 9}}]  # no scheme: not drawn
+    path = tmp_path / "per_site_accuracy.png"
+    figure = per_site_accuracy({"coop, promptfolio": seeds, "coop": without}, path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    (axes,) = [axes for axes in figure.axes if axes.patches]
+    assert axes.get_title() == "coop, promptfolio (n=2)"
+    heights = [round(bar.get_height(), 6) for bar in axes.patches]
+    # Global bars of the three sites (mean over the two seeds), then the two personalized ones;
+    # the held-out site has none of its own.
+    assert heights == [55.0, 45.0, 25.0, 75.0, 35.0]
+    labels = [label.get_text() for label in axes.get_xticklabels()]
+    assert labels == ["site-0", "site-1", "site-2\n(held out)"]
+    with pytest.raises(ValueError, match="No site has a personalized accuracy"):
+        per_site_accuracy({"coop": without})

@@ -1,6 +1,7 @@
 """Run and study plots: accuracy (or attack AUC) against epsilon, accuracy per round, site views.
 
-``site_views`` shows one image as each simulated site's scanner acquires it.
+``site_views`` shows one image as each simulated site's scanner acquires it; ``per_site_accuracy``
+each site's accuracy under the global and under its personalized prompt.
 
 Figures are built on ``matplotlib.figure.Figure`` directly, never through ``pyplot``: no global
 figure state, no display needed, and saving a PNG uses the Agg canvas whatever the process's
@@ -237,6 +238,83 @@ def site_views(
         axes.set_title(title, fontsize="x-small")
     for axes in panels:
         axes.set_axis_off()
+    return _saved(figure, path)
+
+
+def per_site_accuracy(
+    panels: Mapping[str, Sequence[Mapping[str, Mapping[str, Any]]]],
+    path: str | os.PathLike | None = None,
+    *,
+    title: str | None = None,
+) -> Figure:
+    """Each site's accuracy (%) under the global prompt beside its personalized one, per panel.
+
+    The sites' weighted mean hides who gains from personalization and who loses (a site whose
+    label mix or scanner sets it apart); this shows it site by site. Bars are the mean over
+    seeds with one sample standard deviation. A held-out site has no prompt of its own: its
+    global bar stands alone, its name marked.
+
+    Args:
+        panels: For each panel's label (a method, or method and scheme), one mapping per seed as
+            ``summary.json`` holds it in ``final.per_site``: site -> ``accuracy``,
+            ``personalized_accuracy`` (absent without one), ``held_out`` (where true);
+            accuracies are fractions in [0, 1].
+        path: Where to save the PNG, if anywhere.
+        title: Figure title.
+
+    Raises:
+        ValueError: No site in any panel has a personalized accuracy.
+    """
+    drawn = {
+        label: runs
+        for label, runs in panels.items()
+        if any(
+            site.get("personalized_accuracy") is not None for run in runs for site in run.values()
+        )
+    }
+    if not drawn:
+        raise ValueError(
+            "No site has a personalized accuracy to plot; run a personalization scheme."
+        )
+    columns = min(len(drawn), 3)
+    rows = math.ceil(len(drawn) / columns)
+    widest = max(len({name for run in runs for name in run}) for runs in drawn.values())
+    figure = Figure(
+        figsize=(max(4.0, 0.9 * widest + 1.5) * columns, 3.6 * rows), layout="constrained"
+    )
+    grid = figure.subplots(rows, columns, squeeze=False, sharey=True).reshape(-1)
+    width = 0.4
+    for axes, (label, runs) in zip(grid, drawn.items(), strict=False):
+        sites = list(dict.fromkeys(name for run in runs for name in run))
+        for offset, key, name, colour in (
+            (-width / 2, "accuracy", "global", "C0"),
+            (width / 2, "personalized_accuracy", "personalized", "C1"),
+        ):
+            positions, means, spreads = [], [], []
+            for index, site in enumerate(sites):
+                values = [
+                    100.0 * run[site][key] for run in runs if run.get(site, {}).get(key) is not None
+                ]
+                if values:
+                    mean, spread = _mean_and_spread(values)
+                    positions.append(index + offset)
+                    means.append(mean)
+                    spreads.append(spread)
+            errors = spreads if any(spreads) else None  # one seed: no spread to draw
+            axes.bar(positions, means, width, yerr=errors, capsize=3, color=colour, label=name)
+        held_out = {site for run in runs for site, scores in run.items() if scores.get("held_out")}
+        names = [f"{site}\n(held out)" if site in held_out else site for site in sites]
+        axes.set_xticks(range(len(sites)), names, fontsize="small")
+        axes.set_ylim(0, 100)
+        axes.grid(True, axis="y", alpha=0.3)
+        axes.set_title(f"{label} (n={len(runs)})", fontsize="small")
+    for axes in grid[len(drawn) :]:
+        axes.set_axis_off()
+    for axes in grid[::columns]:
+        axes.set_ylabel(_METRIC_LABELS["accuracy"])
+    grid[0].legend(fontsize="small", frameon=False)
+    if title:
+        figure.suptitle(title)
     return _saved(figure, path)
 
 
