@@ -40,8 +40,14 @@ class FakeRuns:
             }
             for i in range(3)
         }
+        # A site's own fine-tuned prompt scores 5 points over the global one.
+        own = accuracy + 0.05 if value_of(overrides, "personalization") == "finetune" else None
         summary = {
-            "final": {"accuracy": accuracy, "mia_auc": 0.5 + (0.0 if private else 0.1)},
+            "final": {
+                "accuracy": accuracy,
+                "mia_auc": 0.5 + (0.0 if private else 0.1),
+                "personalized_accuracy": own,
+            },
             "privacy": sites if private and not self.ignore_privacy else None,
             "method": "coop",
             "dataset": "btmri",
@@ -151,6 +157,43 @@ def test_study_writes_csv_table_and_plots(tmp_path, capsys):
     for path in written:
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_personalization_is_an_ordinary_override_reported_beside_the_accuracy(tmp_path, capsys):
+    sweep = ["privacy.epsilon=inf,8", "personalization=none,finetune"]
+    points, _ = privacy_points("quickstart", sweep)
+    assert [p.name for p in points[:2]] == [
+        "coop/iid/personalization=none/eps-inf/seed-0",
+        "coop/iid/personalization=finetune/eps-inf/seed-0",
+    ]
+    assert "personalization=finetune" in points[3].overrides
+    run_privacy_study("quickstart", sweep, tmp_path, runner=FakeRuns())
+    assert "accuracy 53.0%, personalized 58.0%, epsilon reached 8.00" in capsys.readouterr().out
+    with (tmp_path / "privacy.csv").open() as handle:
+        header = next(csv.reader(handle))
+    assert header[header.index("accuracy_pct") + 1] == "personalized_accuracy_pct"
+    rows = {
+        (r["personalization"], r["epsilon_target"]): r for r in _read_csv(tmp_path / "privacy.csv")
+    }
+    # The quickstart's seed 0: 53% at epsilon 8, 58% for the sites' own prompts.
+    assert rows[("finetune", "8")]["accuracy_pct"] == "53.00"
+    assert rows[("finetune", "8")]["personalized_accuracy_pct"] == "58.00"
+    assert rows[("none", "8")]["personalized_accuracy_pct"] == ""
+    table = (tmp_path / "privacy.md").read_text()
+    assert "| accuracy (%) | personalized accuracy (%) | MIA AUC |" in table
+    assert "| coop | iid | finetune | 8 | 8.00 | 53.0 | 58.0 | 0.500 | 1 |" in table
+    assert "| coop | iid | none | 8 | 8.00 | 53.0 | - | 0.500 | 1 |" in table
+    # Without a scheme anywhere, the columns stay as they were.
+    plain = tmp_path / "plain"
+    run_privacy_study("quickstart", ["privacy.epsilon=inf"], plain, runner=FakeRuns())
+    assert "personalized" not in (plain / "privacy.csv").read_text()
+
+
+def test_a_scheme_dp_cannot_carry_stops_the_study_before_its_folder_exists(tmp_path):
+    out = tmp_path / "study"
+    with pytest.raises(ConfigError, match="privacy=dpsgd protects the global prompt only"):
+        run_privacy_study("quickstart", ["privacy.epsilon=8", "personalization=promptfolio"], out)
+    assert not out.exists()
 
 
 def test_a_run_that_was_not_private_does_not_count(tmp_path, capsys):

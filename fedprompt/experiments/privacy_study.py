@@ -4,7 +4,9 @@ A Hydra multirun underneath: the overrides are Hydra's sweep grammar (``privacy.
 seed=1,2 partition=iid,dirichlet``), expanded into their cartesian product as Hydra's
 BasicSweeper does. ``privacy.epsilon=inf`` is a run without DP (``privacy=none``); a finite one is
 sample-level DP-SGD at each site with that budget for the whole run (``privacy=dpsgd``). Every run
-also measures the loss-threshold membership-inference AUC at each site.
+also measures the loss-threshold membership-inference AUC at each site. ``personalization=`` is an
+ordinary override (one scheme, or a sweep such as ``personalization=none,finetune``); where runs
+report personalized accuracy, the CSV and the table give it beside the accuracy.
 """
 
 from __future__ import annotations
@@ -174,11 +176,13 @@ def check_summary(point: Point, summary: Mapping[str, Any]) -> str | None:
 
 
 def result_words(summary: Mapping[str, Any]) -> str:
-    """The progress line's numbers: accuracy, epsilon spent, attack AUC."""
+    """The progress line's numbers: accuracy (and personalized), epsilon spent, attack AUC."""
     final = summary.get("final") or {}
-    words = (
-        [f"accuracy {100 * final['accuracy']:.1f}%"] if final.get("accuracy") is not None else []
-    )
+    words = [
+        f"{label} {100 * final[key]:.1f}%"
+        for key, label in (("accuracy", "accuracy"), ("personalized_accuracy", "personalized"))
+        if final.get(key) is not None
+    ]
     reached = reached_epsilon(summary)
     if reached is not None:
         words.append(f"epsilon reached {reached:.2f}")
@@ -205,6 +209,13 @@ class PointRow:
         return None if summary is None else float(summary["final"]["accuracy"])
 
     @property
+    def personalized_accuracy(self) -> float | None:
+        """The sites' own prompts on their own test images, weighted; None without a scheme."""
+        summary = self.outcome.summary
+        value = None if summary is None else summary["final"].get("personalized_accuracy")
+        return None if value is None else float(value)
+
+    @property
     def mia_auc(self) -> float | None:
         """Mean over sites of the membership-inference AUC, where measured."""
         summary = self.outcome.summary
@@ -222,12 +233,29 @@ def _number(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def _personalized(rows: Sequence[PointRow]) -> bool:
+    """Some run reported personalized accuracy, so the CSV and the table get its column."""
+    return any(row.personalized_accuracy is not None for row in rows)
+
+
+def _percent(value: float | None) -> str:
+    return _number(None if value is None else 100 * value, 2)
+
+
 def write_csv(rows: Sequence[PointRow], path: Path) -> Path:
-    """One line per point; accuracy in percent, epsilon reached the largest over sites."""
+    """One line per point; accuracy in percent, epsilon reached the largest over sites.
+
+    ``personalized_accuracy_pct`` follows ``accuracy_pct`` where some run reported it (empty for
+    the runs without a scheme).
+    """
     extras = list(dict.fromkeys(key for row in rows for key in row.labels["extras"]))
+    personalized = _personalized(rows)
+    after = CSV_COLUMNS.index("accuracy_pct") + 1
+    own_column = ["personalized_accuracy_pct"] if personalized else []
+    columns = [*CSV_COLUMNS[:after], *own_column, *CSV_COLUMNS[after:]]
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*CSV_COLUMNS[:3], *extras, *CSV_COLUMNS[3:]])
+        writer.writerow([*columns[:3], *extras, *columns[3:]])
         for row in rows:
             labels, outcome = row.labels, row.outcome
             summary = outcome.summary or {}
@@ -239,7 +267,8 @@ def write_csv(rows: Sequence[PointRow], path: Path) -> Path:
                     *(labels["extras"].get(key, "") for key in extras),
                     labels["epsilon"],
                     _number(row.epsilon_reached, 4),
-                    _number(None if row.accuracy is None else 100 * row.accuracy, 2),
+                    _percent(row.accuracy),
+                    *([_percent(row.personalized_accuracy)] if personalized else []),
                     _number(row.mia_auc, 4),
                     summary.get("dataset", ""),
                     "ok" if outcome.ok else f"failed: {outcome.error}",
@@ -275,6 +304,7 @@ def markdown(rows: Sequence[PointRow], about: str) -> str:
     order = [list(dict.fromkeys(key[i] for key in groups)) for i in range(4)]
     ranked = sorted(groups, key=lambda key: tuple(order[i].index(key[i]) for i in range(4)))
     extras = list(dict.fromkeys(key for row in rows for key in row.labels["extras"]))
+    personalized = _personalized(rows)
     heads = [
         "method",
         "partition",
@@ -282,6 +312,7 @@ def markdown(rows: Sequence[PointRow], about: str) -> str:
         "epsilon target",
         "epsilon reached (max)",
         "accuracy (%)",
+        *(["personalized accuracy (%)"] if personalized else []),
         "MIA AUC",
         "seeds",
     ]
@@ -293,7 +324,13 @@ def markdown(rows: Sequence[PointRow], about: str) -> str:
         "Accuracy: the global prompt on the whole test split after the last round. Epsilon "
         "reached: the largest any site spent over the whole run, largest over seeds. MIA AUC: "
         "loss-threshold membership inference, mean over sites (0.5 is chance). Mean ± sample "
-        "standard deviation over seeds.",
+        "standard deviation over seeds."
+        + (
+            " Personalized accuracy: each site's own prompt on its own test images, weighted by "
+            "their number ('-' for a run without a personalization scheme)."
+            if personalized
+            else ""
+        ),
         "",
         "| " + " | ".join(heads) + " |",
         "|" + "---|" * len(heads),
@@ -306,6 +343,8 @@ def markdown(rows: Sequence[PointRow], about: str) -> str:
         seeds = f"{len(finished)}" + (f" ({failed} failed)" if failed else "")
         accuracy = _mean_std_text([r.accuracy for r in finished if r.accuracy is not None], 100, 1)
         attack = _mean_std_text([r.mia_auc for r in finished if r.mia_auc is not None], 1, 3)
+        own = [r.personalized_accuracy for r in finished if r.personalized_accuracy is not None]
+        own_text = _mean_std_text(own, 100, 1) if own else "-"
         cells = [
             method,
             partition,
@@ -313,6 +352,7 @@ def markdown(rows: Sequence[PointRow], about: str) -> str:
             epsilon,
             f"{max(reached):.2f}" if reached else "-",
             "failed" if not finished else accuracy,
+            *(["failed" if not finished else own_text] if personalized else []),
             "failed" if not finished else attack,
             seeds,
         ]
