@@ -167,13 +167,16 @@ def _table(args: argparse.Namespace) -> int:
         base_to_novel_shots=args.base_to_novel_shots,
         seeds=args.seeds,
         recipe=args.recipe,
+        partitions=args.partitions,
+        personalization=args.personalization,
     )
     out = _out_folder(args.out, "table")
     try:
-        outcomes, markdown, table_csv = run_table(args.experiment, grid, overrides, out)
+        outcomes, markdown, table_csv, plot = run_table(args.experiment, grid, overrides, out)
     except KeyboardInterrupt:
         return _interrupted(out)
-    print(f"fedprompt: table in {markdown} and {table_csv}")
+    plot_words = f"; each site's global and personalized accuracy in {plot}" if plot else ""
+    print(f"fedprompt: table in {markdown} and {table_csv}{plot_words}")
     return 0 if all(outcome.ok for outcome in outcomes) else 1
 
 
@@ -226,6 +229,18 @@ def _add_grid_commands(commands: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="configs/recipe choice for the centralized cells only, e.g. paper (the authors' "
         "training values), to set them beside the papers' numbers",
+    )
+    table.add_argument(
+        "--partitions",
+        metavar="NAME[+scanner],...",
+        help="federated cells per partition, e.g. iid,dirichlet,dirichlet+scanner (+scanner: "
+        "each site's simulated scanner; default: the experiment's partition)",
+    )
+    table.add_argument(
+        "--personalization",
+        metavar="NAME,...",
+        help="federated cells per personalization scheme, e.g. none,promptfolio; adds "
+        "personalized and global-at-the-sites columns and per_site_accuracy.png",
     )
     table.add_argument(
         "--out", metavar="DIR", help="study folder (default runs/table-<date>-<time>)"

@@ -49,8 +49,9 @@ BASE |= {("biomedcoop", "central"): 0.70, ("biomedcoop", "federated"): 0.55}
 class FakeRuns:
     """Writes the summary.json a finished run of the point's settings would write."""
 
-    def __init__(self, failing=(), wrong_protocol=()):
+    def __init__(self, failing=(), wrong_protocol=(), ignore_scheme=False):
         self.failing, self.wrong_protocol = set(failing), set(wrong_protocol)
+        self.ignore_scheme = ignore_scheme
 
     def __call__(self, experiment, overrides, folder):
         method, seed = value_of(overrides, "method"), int(value_of(overrides, "seed"))
@@ -59,8 +60,30 @@ class FakeRuns:
         if (method, setting, seed) in self.failing:
             raise PointFailed("flwr run exited with code 1 (Flower's log: x).")
         accuracy = BASE[(method, setting)] + 0.02 * (seed - 1)
+        if value_of(overrides, "partition") == "dirichlet":
+            accuracy -= 0.10
         base, novel = accuracy + 0.1, accuracy - 0.1
         final = {"accuracy": accuracy, "balanced_accuracy": accuracy, "macro_f1": accuracy}
+        # The sites' view: global prompt at the sites 5 points under the central split, each
+        # site's own prompt 10 points over it (site-0 +5, site-1 +15), held-out site-2 -10.
+        scheme = value_of(overrides, "personalization")
+        holdout = int(value_of(overrides, "evaluation.holdout_sites") or 0)
+        own = None if scheme in (None, "none") or self.ignore_scheme else accuracy + 0.10
+        sites = {
+            "site-0": {"accuracy": accuracy - 0.05, "num_test": 10},
+            "site-1": {"accuracy": accuracy - 0.05, "num_test": 10},
+        }
+        if own is not None:
+            sites["site-0"]["personalized_accuracy"] = own - 0.05
+            sites["site-1"]["personalized_accuracy"] = own + 0.05
+        if holdout:
+            sites["site-2"] = {"accuracy": accuracy - 0.10, "num_test": 10, "held_out": True}
+        final |= {
+            "federated_accuracy": accuracy - 0.05,
+            "personalized_accuracy": own,
+            "unseen_site_accuracy": accuracy - 0.10 if holdout else None,
+            "per_site": sites,
+        }
         if protocol == BASE_TO_NOVEL:
             hm = 2 * base * novel / (base + novel)
             final |= {"base_accuracy": base, "novel_accuracy": novel, "harmonic_mean": hm}
@@ -123,6 +146,31 @@ def test_grid_from_options_defaults_to_the_experiments_method_and_dataset():
         ({"shots": "1"}, ["method=kgcoop"], "sets method itself; choose it with --methods"),
         ({"shots": "1"}, ["train.shots=4"], "sets train.shots itself"),
         ({"shots": "1"}, ["federation.rounds=2,3"], "federation.rounds has several values"),
+        ({"shots": "1", "partitions": "iid,dirichelt"}, [], "Unknown partition 'dirichelt'"),
+        (
+            {"shots": "1", "partitions": "iid+ct"},
+            [],
+            "--partitions 'iid+ct': after + comes a partition.acquisition (scanner)",
+        ),
+        ({"shots": "1", "partitions": " , "}, [], "--partitions is empty"),
+        ({"shots": "1", "personalization": "folio"}, [], "Unknown personalization 'folio'"),
+        ({"shots": "1"}, ["partition=dirichlet"], "sets partition itself; choose it with --parti"),
+        ({"shots": "1"}, ["personalization=fedpgp"], "choose it with --personalization"),
+        (
+            {"shots": "1", "partitions": "iid"},
+            ["partition.acquisition=scanner"],
+            "give scanners in the partition's name (dirichlet+scanner)",
+        ),
+        (
+            {"shots": "1", "partitions": "iid"},
+            ["partition.alpha=0.3"],
+            "partition.alpha=0.3 sets a key that none of the table's partition choices (iid) has",
+        ),
+        (
+            {"shots": "1", "personalization": "none,finetune"},
+            ["personalization.mix=0.2"],
+            "none of the table's personalization choices (none, finetune) has",
+        ),
     ],
 )
 def test_bad_options_are_one_sentence(options, overrides, message):
@@ -138,10 +186,13 @@ def _read_csv(path):
 
 def test_table_files_hold_mean_and_std_over_seeds(tmp_path, capsys):
     runs = FakeRuns(failing={("kgcoop", "federated", 2)})
-    outcomes, md_path, csv_path = run_table("quickstart", GRID, [], tmp_path, runner=runs)
+    outcomes, md_path, csv_path, plot = run_table("quickstart", GRID, [], tmp_path, runner=runs)
     assert len(outcomes) == 16 and sum(not o.ok for o in outcomes) == 2
     rows = {(r["method"], r["protocol"], r["metric"]): r for r in _read_csv(csv_path)}
-    assert len(rows) == 2 * (1 + 4)  # accuracy; base, novel, HM of means, HM per seed
+    # accuracy; base, novel, HM of means, HM per seed. No run reported personalized or
+    # unseen-site accuracy, so the sites' view is left out, and there is no per-site plot.
+    assert len(rows) == 2 * (1 + 4)
+    assert plot is None and not (tmp_path / "per_site_accuracy.png").exists()
 
     coop = rows[("coop", "few_shot", "accuracy")]
     # central: 50% and 52% -> 51.00 ± 1.41; federated: 40% and 42% -> 41.00 ± 1.41
@@ -152,6 +203,7 @@ def test_table_files_hold_mean_and_std_over_seeds(tmp_path, capsys):
     )
     assert (coop["federated_mean_pct"], coop["federated_std_pct"]) == ("41.00", "1.41")
     assert coop["shots"] == "1" and coop["federated_failed"] == "0"
+    assert (coop["partition"], coop["personalization"]) == ("", "")  # not crossed
 
     base = rows[("coop", "base_to_novel", "base_accuracy")]
     assert (base["central_mean_pct"], base["shots"]) == ("61.00", "16")
@@ -185,7 +237,7 @@ def test_table_files_hold_mean_and_std_over_seeds(tmp_path, capsys):
 
 def test_a_run_that_ignored_its_protocol_is_not_counted(tmp_path, capsys):
     runs = FakeRuns(wrong_protocol={("coop", "central", 1)})
-    outcomes, md_path, _ = run_table("quickstart", GRID, [], tmp_path, runner=runs)
+    outcomes, md_path, _, _ = run_table("quickstart", GRID, [], tmp_path, runner=runs)
     assert sum(not o.ok for o in outcomes) == 2  # its few-shot and its base-to-novel point
     assert "did not apply the protocol" in capsys.readouterr().out
     assert "| coop | 52.0 (1 failed) |" in md_path.read_text()
@@ -194,7 +246,7 @@ def test_a_run_that_ignored_its_protocol_is_not_counted(tmp_path, capsys):
 def test_repeating_the_command_reuses_finished_points(tmp_path, capsys):
     run_table("quickstart", GRID, [], tmp_path, runner=FakeRuns(failing={("coop", "central", 1)}))
     capsys.readouterr()
-    _, md_path, _ = run_table("quickstart", GRID, [], tmp_path, runner=FakeRuns())
+    _, md_path, _, _ = run_table("quickstart", GRID, [], tmp_path, runner=FakeRuns())
     assert "resuming: 14 of 16 points already have results" in capsys.readouterr().out
     assert "failed" not in md_path.read_text().split("## btmri")[1]
 
@@ -221,22 +273,42 @@ def test_cli_refuses_bad_input_in_one_sentence(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_table_end_to_end_on_the_quickstart(tmp_path, capsys):
+    # Two runs: the centralized one, and one federated run with scanners, a personalization
+    # scheme and a held-out site, so the sites' view and the per-site plot come from Flower.
     out = tmp_path / "table"
     argv = ["table", "quickstart", "--methods", "coop", "--shots", "1", "--seeds", "1"]
-    argv += ["--out", str(out), "federation.rounds=1"]
+    argv += ["--partitions", "iid+scanner", "--personalization", "local_only"]
+    argv += ["--out", str(out), "federation.rounds=1", "evaluation.holdout_sites=1"]
     assert main(argv) == 0, capsys.readouterr()
     printed = capsys.readouterr().out
     assert "[1/2] btmri_mini coop 1-shot central seed=1 ..." in printed
-    assert "[2/2] btmri_mini coop 1-shot federated seed=1 ..." in printed
-    for setting, sites in (("central", 1), ("federated", 3)):
+    assert (
+        "[2/2] btmri_mini coop 1-shot federated partition=iid+scanner "
+        "personalization=local_only seed=1 ..."
+    ) in printed
+    assert "per_site_accuracy.png" in printed
+    federated = "federated/partition-iid+scanner/personalization-local_only"
+    for setting, sites in (("central", 1), (federated, 3)):
         folder = out / "btmri_mini/coop/shots-1" / setting / "seed-1"
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["num_sites"] == sites and summary["rounds"] == 1
         assert summary["protocol"] == {"name": "few_shot", "shots": 1}
         assert os.path.getsize(folder / "flower.log") > 0
-    (row,) = _read_csv(out / "table.csv")
-    assert row["central_n"] == "1" and row["federated_n"] == "1"
-    assert 0 <= float(row["central_mean_pct"]) <= 100
+    final = summary["final"]  # the federated run's
+    assert final["personalized_accuracy"] is not None and final["unseen_site_accuracy"] is not None
+    rows = {row["metric"]: row for row in _read_csv(out / "table.csv")}
+    assert list(rows) == [
+        "accuracy",
+        "federated_accuracy",
+        "personalized_accuracy",
+        "unseen_site_accuracy",
+    ]
+    assert rows["accuracy"]["central_n"] == "1" and rows["accuracy"]["federated_n"] == "1"
+    for row in rows.values():
+        assert 0 <= float(row["federated_mean_pct"]) <= 100
+    assert rows["personalized_accuracy"]["central_n"] == ""
+    assert 0 <= float(rows["accuracy"]["central_mean_pct"]) <= 100
+    assert (out / "per_site_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Repeating the command runs nothing.
     assert main(argv) == 0
     assert "all 2 points already have results" in capsys.readouterr().out
@@ -325,7 +397,7 @@ def test_a_centralized_cell_stands_beside_the_published_number(tmp_path, capsys)
     grid = TableGrid(
         ("biomedcoop",), ("btmri",), (Protocol(FEW_SHOT, 1), Protocol(BASE_TO_NOVEL, 16)), (1, 2)
     )
-    _, md_path, csv_path = run_table("quickstart", grid, [], tmp_path, runner=FakeRuns())
+    _, md_path, csv_path, _ = run_table("quickstart", grid, [], tmp_path, runner=FakeRuns())
     rows = {(r["protocol"], r["metric"]): r for r in _read_csv(csv_path)}
     # Central 1-shot: 70% and 72% -> 71.00; the released BTMRI K=1 score is 65.10.
     one_shot = rows[(FEW_SHOT, "accuracy")]
@@ -387,7 +459,7 @@ def test_the_recipe_goes_to_centralized_points_only():
 
 def test_a_recipe_table_is_its_own_study(tmp_path, capsys):
     grid = TableGrid(("coop",), ("btmri",), (Protocol(FEW_SHOT, 1),), (1,), recipe="paper")
-    _, md_path, _ = run_table("quickstart", grid, [], tmp_path, runner=FakeRuns())
+    _, md_path, _, _ = run_table("quickstart", grid, [], tmp_path, runner=FakeRuns())
     table = md_path.read_text()
     assert "--recipe paper" in table and "whole training split under recipe=paper" in table
     plain = TableGrid(("coop",), ("btmri",), (Protocol(FEW_SHOT, 1),), (1,))
@@ -411,3 +483,163 @@ def test_the_paper_recipe_composes_for_every_centralized_point():
     grid = table_grid("quickstart", [], methods="coop", shots="1", seeds="1", recipe="paper")
     assert grid.recipe == "paper"
     check_points("quickstart", table_points(grid, []))
+
+
+AXES = TableGrid(
+    methods=("coop",),
+    datasets=("btmri",),
+    protocols=(Protocol(FEW_SHOT, 1),),
+    seeds=(1, 2),
+    partitions=("iid", "dirichlet+scanner"),
+    personalizations=("none", "promptfolio"),
+)
+
+
+def test_partitions_and_schemes_cross_the_federated_points_only():
+    points = table_points(AXES, ["federation.rounds=2"])
+    assert len(points) == 2 * (1 + 2 * 2)  # per seed: one centralized point, four federated
+    assert [p.name.removeprefix("btmri/coop/shots-1/") for p in points[:5]] == [
+        "central/seed-1",
+        "federated/partition-iid/personalization-none/seed-1",
+        "federated/partition-iid/personalization-promptfolio/seed-1",
+        "federated/partition-dirichlet+scanner/personalization-none/seed-1",
+        "federated/partition-dirichlet+scanner/personalization-promptfolio/seed-1",
+    ]
+    # The centralized point is the very run a table without the axes makes, so it is shared.
+    assert points[0].overrides == table_points(GRID, ["federation.rounds=2"])[0].overrides
+    last = points[4]
+    assert last.overrides[-3:] == (
+        "partition=dirichlet",
+        "partition.acquisition=scanner",
+        "personalization=promptfolio",
+    )
+    assert (last.labels["partition"], last.labels["personalization"]) == (
+        "dirichlet+scanner",
+        "promptfolio",
+    )
+    assert last.description == (
+        "btmri coop 1-shot federated partition=dirichlet+scanner personalization=promptfolio seed=1"
+    )
+
+
+def test_a_groups_own_keys_go_only_to_the_points_whose_choice_has_them():
+    overrides = ["partition.alpha=0.3", "personalization.mix=0.2", "evaluation.holdout_sites=1"]
+    points = {
+        p.name.removeprefix("btmri/coop/shots-1/"): p.overrides
+        for p in table_points(AXES, overrides)
+        if p.labels["seed"] == 1
+    }
+    central = points["central/seed-1"]
+    assert "partition.alpha=0.3" not in central and "personalization.mix=0.2" not in central
+    assert value_of(central, "evaluation.holdout_sites") == "0"  # one site holds none out
+    iid_none = points["federated/partition-iid/personalization-none/seed-1"]
+    assert iid_none[:1] == ("evaluation.holdout_sites=1",)
+    iid_folio = points["federated/partition-iid/personalization-promptfolio/seed-1"]
+    assert iid_folio[:2] == ("personalization.mix=0.2", "evaluation.holdout_sites=1")
+    scanner_none = points["federated/partition-dirichlet+scanner/personalization-none/seed-1"]
+    assert scanner_none[:2] == ("partition.alpha=0.3", "evaluation.holdout_sites=1")
+    scanner = points["federated/partition-dirichlet+scanner/personalization-promptfolio/seed-1"]
+    assert scanner[:3] == tuple(overrides)
+    # Every point composes and passes the config checks, the centralized one included.
+    check_points("quickstart", table_points(AXES, overrides))
+
+
+def test_partitions_and_schemes_from_the_options():
+    grid = table_grid(
+        "quickstart",
+        ["partition.alpha=0.3"],
+        shots="1",
+        partitions="iid, dirichlet+scanner,iid",
+        personalization="none,promptfolio",
+    )
+    assert grid.partitions == ("iid", "dirichlet+scanner")
+    assert grid.personalizations == ("none", "promptfolio")
+    plain = table_grid("quickstart", [], shots="1")
+    assert (plain.partitions, plain.personalizations) == ((), ())
+
+
+def test_the_sites_view_stands_beside_the_accuracy(tmp_path, capsys):
+    grid = TableGrid(
+        ("coop",),
+        ("btmri",),
+        (Protocol(FEW_SHOT, 1),),
+        (1, 2),
+        partitions=("iid", "dirichlet"),
+        personalizations=("none", "promptfolio"),
+    )
+    overrides = ["evaluation.holdout_sites=1"]
+    outcomes, md_path, csv_path, plot = run_table(
+        "quickstart", grid, overrides, tmp_path, runner=FakeRuns()
+    )
+    assert len(outcomes) == 2 * 5 and all(o.ok for o in outcomes)
+    assert "accuracy 40.0%, personalized 50.0%, unseen sites 30.0%" in capsys.readouterr().out
+    rows = {(r["partition"], r["personalization"], r["metric"]): r for r in _read_csv(csv_path)}
+    assert len(rows) == 4 * 4  # accuracy, then global at the sites, personalized, unseen sites
+
+    def federated(partition, scheme, metric):
+        row = rows[(partition, scheme, metric)]
+        return row["federated_mean_pct"], row["federated_std_pct"], row["federated_n"]
+
+    # Federated seeds 40% and 42% (dirichlet 10 points lower); the sites see the global prompt
+    # 5 points lower, their own prompt 10 points higher, the held-out site 10 points lower.
+    assert federated("iid", "none", "accuracy") == ("41.00", "1.41", "2")
+    assert federated("iid", "none", "federated_accuracy") == ("36.00", "1.41", "2")
+    assert federated("iid", "none", "personalized_accuracy") == ("", "", "0")
+    assert federated("iid", "none", "unseen_site_accuracy") == ("31.00", "1.41", "2")
+    assert federated("iid", "promptfolio", "personalized_accuracy") == ("51.00", "1.41", "2")
+    assert federated("dirichlet", "promptfolio", "personalized_accuracy")[0] == "41.00"
+    assert federated("dirichlet", "promptfolio", "unseen_site_accuracy")[0] == "21.00"
+    # The centralized run is shared by every row; the sites' view has no centralized cell.
+    assert {rows[(p, s, "accuracy")]["central_mean_pct"] for p, s, _ in rows} == {"51.00"}
+    folio = rows[("iid", "promptfolio", "personalized_accuracy")]
+    assert (folio["central_mean_pct"], folio["central_n"]) == ("", "")
+
+    table = md_path.read_text()
+    assert (
+        "| method | partition | personalization | 1-shot central | 1-shot federated | "
+        "1-shot global (sites) | 1-shot personalized | 1-shot unseen sites |"
+    ) in table
+    assert "| coop | iid | none | 51.0 ± 1.4 | 41.0 ± 1.4 | 36.0 ± 1.4 | - | 31.0 ± 1.4 |" in table
+    assert (
+        "| coop | dirichlet | promptfolio | 51.0 ± 1.4 | 31.0 ± 1.4 | 26.0 ± 1.4 | 41.0 ± 1.4 "
+        "| 21.0 ± 1.4 |"
+    ) in table
+    assert "--partitions iid,dirichlet --personalization none,promptfolio" in table
+    assert "3 sites (the row's partition, fedavg), the last 1 held out of training as" in table
+    assert plot == tmp_path / "per_site_accuracy.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "`per_site_accuracy.png`" in table
+
+
+def test_a_sites_column_no_run_reported_is_left_out():
+    grid = TableGrid(("coop",), ("btmri",), (Protocol(FEW_SHOT, 1),), (1,))
+    labels = {"dataset": "btmri", "method": "coop", "protocol": FEW_SHOT, "shots": 1, "seed": 1}
+    final = {"accuracy": 0.5, "federated_accuracy": 0.45, "personalized_accuracy": None}
+    central = _outcome({**labels, "setting": "central"}, final)
+    held_out = _outcome({**labels, "setting": "federated"}, final | {"unseen_site_accuracy": 0.3})
+    rows = {row.metric: row for row in table_rows(grid, [central, held_out])}
+    assert list(rows) == ["accuracy", "federated_accuracy", "unseen_site_accuracy"]
+    assert set(rows["unseen_site_accuracy"].cells) == {"federated"}
+    assert rows["unseen_site_accuracy"].cells["federated"].text() == "30.0"
+    plain = _outcome({**labels, "setting": "federated"}, final)
+    assert [row.metric for row in table_rows(grid, [central, plain])] == ["accuracy"]
+
+
+def test_a_run_that_did_not_personalize_is_not_counted(tmp_path, capsys):
+    grid = TableGrid(
+        ("coop",), ("btmri",), (Protocol(FEW_SHOT, 1),), (1,), personalizations=("promptfolio",)
+    )
+    outcomes, md_path, _, plot = run_table(
+        "quickstart", grid, [], tmp_path, runner=FakeRuns(ignore_scheme=True)
+    )
+    assert [o.ok for o in outcomes] == [True, False]
+    assert "personalization=promptfolio did not run" in capsys.readouterr().out
+    assert "| coop | promptfolio | 50.0 | failed |" in md_path.read_text() and plot is None
+
+
+def test_cli_refuses_a_bad_partition_or_scheme_in_one_sentence(capsys):
+    assert main(["table", "quickstart", "--shots", "1", "--partitions", "iid+ct"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedprompt: --partitions 'iid+ct'") and len(err.splitlines()) == 1
+    assert main(["table", "quickstart", "--shots", "1", "--personalization", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedprompt: Unknown personalization 'nope'; choose from fedotp")
