@@ -293,7 +293,7 @@ def test_table_end_to_end_on_the_quickstart(tmp_path, capsys):
         summary = json.loads((folder / "summary.json").read_text())
         assert summary["num_sites"] == sites and summary["rounds"] == 1
         assert summary["protocol"] == {"name": "few_shot", "shots": 1}
-        assert os.path.getsize(folder / "flower.log") > 0
+    assert os.path.getsize(out / "flower.log") > 0  # one simulation served both runs
     final = summary["final"]  # the federated run's
     assert final["personalized_accuracy"] is not None and final["unseen_site_accuracy"] is not None
     rows = {row["metric"]: row for row in _read_csv(out / "table.csv")}

@@ -14,6 +14,7 @@ import os
 import re
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from fedprompt.config import ConfigError, compose_config
 from fedprompt.config_schema import check_config
 
 STUDY_FILE = "study.json"
+SESSION_PLAN = "session-plan.json"
 POINT_FILE = "point.json"
 FLOWER_LOG = "flower.log"
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C
@@ -297,6 +299,109 @@ def run_point(experiment: str, overrides: Sequence[str], folder: Path) -> None:
         raise PointFailed(f"{reason.rstrip('.')} (Flower's log: {log}).")
 
 
+class SessionProgress(threading.Thread):
+    """Tells the grid, point by point, when each point of a session has written its summary.
+
+    The session runs in this process's main thread (so Ctrl-C stops it); this thread watches
+    the points' folders in plan order and records when each one ends.
+
+    Args:
+        folders: The session's points' folders, in the order the session runs them.
+        report: Called with each folder and its seconds as the point ends.
+        interval: Seconds between looks.
+    """
+
+    def __init__(
+        self,
+        folders: Sequence[Path],
+        report: Callable[[Path, float], None],
+        interval: float = 0.2,
+    ) -> None:
+        super().__init__(daemon=True)
+        self.folders, self.report, self.interval = list(folders), report, interval
+        self.seconds: dict[Path, float] = {}
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        """Wait for each folder's summary in turn; report it as it appears."""
+        last = time.perf_counter()
+        for folder in self.folders:
+            while _summary_file_status(folder) is None:
+                if self._done.wait(self.interval):
+                    return
+            now = time.perf_counter()
+            self.seconds[folder] = now - last
+            self.report(folder, now - last)
+            last = now
+
+    def finish(self) -> None:
+        """Stop watching (the session ended): report what ended meanwhile, then return."""
+        self._done.set()
+        self.join()
+
+
+def _summary_file_status(folder: Path) -> str | None:
+    try:
+        summary = _summary_file(folder)
+    except (OSError, ValueError):  # being written: look again
+        return None
+    return None if summary is None else str(summary.get("status", "completed"))
+
+
+def _write_refusal(folder: Path, reason: str) -> None:
+    """A failed ``summary.json`` for a point refused before it ran (repeating the grid retries)."""
+    record = {"status": "failed", "reason": reason, "rounds_completed": 0, "final": None}
+    (folder / "summary.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def run_session(
+    experiment: str,
+    points: Sequence[Point],
+    folders: Sequence[Path],
+    out: Path,
+    report: Callable[[Path, float], None],
+) -> None:
+    """Run the points in one Flower simulation (``grid_session``); the actors stay warm.
+
+    Each point is checked first as ``run_point`` does: one that fails (a missing dataset) is
+    recorded as failed in its folder before Flower starts. The rest run one after another
+    through the same ServerApp and ClientApp as single runs, each writing its own folder,
+    Flower's whole output going to ``out/flower.log``. ``report`` hears of each point as it
+    ends, with its seconds.
+
+    Raises:
+        KeyboardInterrupt: The session was interrupted (Ctrl-C); the grid stops with it.
+    """
+    from fedprompt.federation.grid_session import GridPlan
+    from fedprompt.federation.local_simulation import check_before_flower, simulate_plan
+    from fedprompt.user_errors import USER_ERRORS
+
+    planned: list[tuple[str, ...]] = []
+    watched: list[Path] = []
+    for point, folder in zip(points, folders, strict=True):
+        overrides = (*point.overrides, f"output_dir={folder.resolve()}")
+        try:
+            check_before_flower(compose_config(experiment, list(overrides)))
+        except USER_ERRORS as err:
+            _write_refusal(folder, str(err))
+            report(folder, 0.0)
+            continue
+        planned.append(overrides)
+        watched.append(folder)
+    if not planned:
+        return
+    progress = SessionProgress(watched, report)
+    progress.start()
+    try:
+        code = simulate_plan(
+            GridPlan(experiment, tuple(planned)), out / SESSION_PLAN, out / FLOWER_LOG
+        )
+    finally:
+        progress.finish()
+    if code == INTERRUPTED:
+        raise KeyboardInterrupt
+
+
 def run_grid(
     experiment: str,
     points: Sequence[Point],
@@ -311,8 +416,9 @@ def run_grid(
         experiment: The experiment every point starts from.
         points: The grid, in the order to run it.
         out: The study folder (see ``open_study``).
-        runner: Runs one point; by default ``run_point``. Tests pass a fake. Callers check the
-            points first (``check_points``).
+        runner: Runs one point in a simulation of its own (``run_point``, or a fake in tests);
+            None (the default) runs all the points in one simulation whose actors stay warm
+            (``run_session``). Callers check the points first (``check_points``).
         result: Words for a finished point's progress line (default: its accuracy).
         check: Says what is wrong with a finished point's summary for this grid (a setting
             the run did not apply, a metric it did not report), or None where it is usable.
@@ -326,7 +432,6 @@ def run_grid(
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise GridError(f"The grid holds point {twice[0]} twice; list each value once.")
-    runner = runner or run_point
     result = result or _accuracy_words
     folders = [out / point.name for point in points]
     for point, folder in zip(points, folders, strict=True):
@@ -340,6 +445,10 @@ def run_grid(
             f"fedprompt: resuming: {done} of {total} points already have results in {out}; "
             f"running the other {total - done}."
         )
+    if runner is None:
+        outcomes = _run_in_session(experiment, points, folders, out, result, check)
+        _report_failures(outcomes)
+        return outcomes
     outcomes = []
     for index, (point, folder) in enumerate(zip(points, folders, strict=True), start=1):
         print(f"[{index}/{total}] {point.description} ...", end=" ", flush=True)
@@ -353,17 +462,88 @@ def run_grid(
         except KeyboardInterrupt:
             print("interrupted", flush=True)  # closes the progress line
             raise
-        problem = check(point, outcome.summary) if check and outcome.summary else None
-        if problem:
-            outcome = replace(outcome, summary=None, error=problem)
-        when = "done before" if reused else f"{outcome.seconds:.0f} s"
-        if outcome.summary is not None:
-            print(f"{when}, {result(outcome.summary)}", flush=True)
-        else:
-            print(f"failed ({when}): {outcome.error}", flush=True)
+        outcome = _checked(outcome, check)
+        print(_progress_words(outcome, result), flush=True)
         outcomes.append(outcome)
     _report_failures(outcomes)
     return outcomes
+
+
+def _checked(outcome: Outcome, check: SummaryCheck | None) -> Outcome:
+    """The outcome, failed where its summary does not fit the grid (``check``)."""
+    problem = check(outcome.point, outcome.summary) if check and outcome.summary else None
+    return replace(outcome, summary=None, error=problem) if problem else outcome
+
+
+def _progress_words(outcome: Outcome, result: Callable[[Mapping[str, Any]], str]) -> str:
+    when = "done before" if outcome.reused else f"{outcome.seconds:.0f} s"
+    if outcome.summary is not None:
+        return f"{when}, {result(outcome.summary)}"
+    return f"failed ({when}): {outcome.error}"
+
+
+def _run_in_session(
+    experiment: str,
+    points: Sequence[Point],
+    folders: Sequence[Path],
+    out: Path,
+    result: Callable[[Mapping[str, Any]], str],
+    check: SummaryCheck | None,
+) -> list[Outcome]:
+    """``run_grid`` with every pending point in one simulation (``run_session``).
+
+    A progress line is printed as each point ends, in the grid's order.
+    """
+    total = len(points)
+    line = {folder: index for index, folder in enumerate(folders, start=1)}
+    outcomes: dict[Path, Outcome] = {}
+
+    def settle(folder: Path, seconds: float) -> None:
+        if folder in outcomes:
+            return
+        point = points[line[folder] - 1]
+        summary = read_summary(folder)
+        error = None
+        if summary is None:
+            error = failure_reason(folder) or (
+                f"the session ended before this point finished (Flower's log: {out / FLOWER_LOG})."
+            )
+        outcome = _checked(Outcome(point, folder, summary, error, seconds, reused=False), check)
+        outcomes[folder] = outcome
+        print(
+            f"[{line[folder]}/{total}] {point.description} ... {_progress_words(outcome, result)}",
+            flush=True,
+        )
+
+    pending = []
+    for point, folder in zip(points, folders, strict=True):
+        summary = read_summary(folder)
+        if summary is not None:
+            outcome = _checked(Outcome(point, folder, summary, None, 0.0, reused=True), check)
+            outcomes[folder] = outcome
+            print(
+                f"[{line[folder]}/{total}] {point.description} ... "
+                f"{_progress_words(outcome, result)}",
+                flush=True,
+            )
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"overrides": list(point.overrides), "labels": point.labels}
+        (folder / POINT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        # An earlier failure's record: the point runs again and writes its own.
+        (folder / "summary.json").unlink(missing_ok=True)
+        pending.append((point, folder))
+    if pending:
+        try:
+            run_session(
+                experiment, [p for p, _ in pending], [f for _, f in pending], out, settle
+            )
+        except KeyboardInterrupt:
+            print("fedprompt: interrupted; finished points keep their results.", flush=True)
+            raise
+        for _, folder in pending:
+            settle(folder, 0.0)
+    return [outcomes[folder] for folder in folders]
 
 
 def _report_failures(outcomes: Sequence[Outcome]) -> None:

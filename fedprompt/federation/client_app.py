@@ -17,23 +17,26 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
+from omegaconf import DictConfig
 
 from fedprompt.backbones import BackboneUnavailableError
 from fedprompt.config import ConfigError
 from fedprompt.data.site_check import SiteConfigError
+from fedprompt.federation.grid_session import PARTITION_METRIC, GridPlan, point_of
 from fedprompt.federation.local_site import (
+    PARTITION_KEY,
     NodeSite,
     evaluate_site,
     open_node_site,
     site_label,
     train_site,
 )
-from fedprompt.federation.run_config import config_from_run_config
+from fedprompt.federation.run_config import PLAN_KEY, config_from_run_config
 from fedprompt.federation.secure_aggregation import secure_aggregation_mod
 from fedprompt.federation.site_level_dp import SITE_WEIGHT_KEY, site_level_clipping_mod
 from fedprompt.federation.validation import HELD_OUT_KEY
 from fedprompt.privacy.dp_training import DPTrainStats
-from fedprompt.site_rounds import privacy_mode
+from fedprompt.site_rounds import backbone_for, privacy_mode
 from fedprompt.user_errors import USER_ERRORS
 
 # SecAgg+ outermost: it must see the train reply exactly as the site's handler made it.
@@ -55,10 +58,33 @@ SHAREABLE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def _open(context: Context) -> NodeSite:
-    cfg = config_from_run_config(context.run_config)
+CURRENT_POINT_KEY = "session-point"
+"""The node-state record naming the point of a session whose state the node holds."""
+
+
+def _enter_point(context: Context, index: int) -> None:
+    """Start a session's point with a clean node state: nothing of another point carries over."""
+    held = context.state.config_records.get(CURRENT_POINT_KEY)
+    if held is not None and int(held["index"]) == index:
+        return
+    for key in list(context.state.keys()):
+        del context.state[key]
+    context.state[CURRENT_POINT_KEY] = ConfigRecord({"index": index})
+
+
+def _config(msg: Message, context: Context) -> tuple[DictConfig, bool]:
+    """The run's config, or in a session the config of the point ``msg`` belongs to."""
+    index = point_of(msg)
+    if index is None:
+        return config_from_run_config(context.run_config), False
+    _enter_point(context, index)
+    return GridPlan.load(str(context.run_config[PLAN_KEY])).config(index), True
+
+
+def _open(msg: Message, context: Context) -> NodeSite:
+    cfg, in_session = _config(msg, context)
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
-    return open_node_site(cfg, context.node_config)
+    return open_node_site(cfg, context.node_config, in_session=in_session)
 
 
 def _identity(site: NodeSite) -> dict[str, int]:
@@ -137,7 +163,7 @@ def train(msg: Message, context: Context) -> Message:
     (``dp-budget-exhausted``) and the server leaves its reply out of the aggregate.
     """
     try:
-        site = _open(context)
+        site = _open(msg, context)
         if site.held_out:
             # An unseen hospital: it sends neither tensors nor its number of images.
             values = {"num-examples": 0, **_identity(site), HELD_OUT_KEY: 1}
@@ -186,6 +212,23 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """A session's opening question: which partition this node serves.
+
+    The node also loads the first point's backbone meanwhile, so that the actors are warm when
+    the first round starts.
+    """
+    try:
+        cfg, _ = _config(msg, context)
+        backbone_for(cfg)
+        partition = int(context.node_config[PARTITION_KEY])
+    except (*USER_ERRORS, KeyError) as err:
+        return refusal(msg, context, err)
+    metrics = MetricRecord({PARTITION_METRIC: partition})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global prompt on this site's own test images.
@@ -196,7 +239,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     number); the server records it as having no test images.
     """
     try:
-        site = _open(context)
+        site = _open(msg, context)
         server_round = int(msg.content["config"]["server-round"])
         result = evaluate_site(
             site,

@@ -25,7 +25,12 @@ from pathlib import Path
 import tomli_w
 from omegaconf import DictConfig
 
-from fedprompt.federation.run_config import default_run_config, overrides_to_run_config
+from fedprompt.federation.grid_session import GridPlan
+from fedprompt.federation.run_config import (
+    PLAN_KEY,
+    default_run_config,
+    overrides_to_run_config,
+)
 from fedprompt.terminal import INTERRUPTED, FlowerOutput
 
 APP_PYPROJECT = """[build-system]
@@ -86,9 +91,13 @@ def _tool(name: str) -> str:
 
 
 def write_app(directory: Path, experiment: str) -> Path:
-    """A Flower app folder whose defaults are the bridge's keys for ``experiment``."""
+    """A Flower app folder whose defaults are the bridge's keys for ``experiment``.
+
+    It also declares a session's plan key (``grid_session.PLAN_KEY``), empty outside a session.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    config = tomli_w.dumps({"tool": {"flwr": {"app": {"config": default_run_config(experiment)}}}})
+    defaults = default_run_config(experiment) | {PLAN_KEY: ""}
+    config = tomli_w.dumps({"tool": {"flwr": {"app": {"config": defaults}}}})
     (directory / "pyproject.toml").write_text(APP_PYPROJECT + config, encoding="utf-8")
     return directory
 
@@ -322,6 +331,35 @@ def check_before_flower(cfg: DictConfig) -> None:
     if cfg.federation.mode == "simulation":
         check_site_sizes(cfg, site_train_sizes(cfg))
     secagg_settings(cfg)
+
+
+def simulate_plan(plan: GridPlan, plan_file: Path, flower_log: Path) -> int:
+    """Every point of ``plan`` in one simulation (``grid_session``); ``flwr run``'s exit code.
+
+    One SuperLink, one ``flwr run`` with as many SuperNodes as the largest point has sites, and
+    the resources of that point; Flower's whole output goes to ``flower_log``. Each point writes
+    its own results folder, as a single run does.
+    """
+    configs = [plan.config(index) for index in range(len(plan.points))]
+    largest = max(configs, key=lambda cfg: int(cfg.federation.num_sites))
+    plan.save(plan_file)
+    with tempfile.TemporaryDirectory(prefix="fedprompt-session-") as tmp:
+        workdir = Path(tmp)
+        app_dir = write_app(workdir / "app", plan.experiment)
+        run_config = write_run_config(
+            workdir / "run-config.toml",
+            {"experiment": plan.experiment, PLAN_KEY: str(plan_file.resolve())},
+        )
+        flower_log.parent.mkdir(parents=True, exist_ok=True)
+        with _terminate_as_interrupt(), private_superlink(workdir) as env:
+            command = flwr_run_command(app_dir, run_config, largest)
+            with flower_log.open("a", encoding="utf-8") as log:
+                try:
+                    return subprocess.run(
+                        command, env=env, stdout=log, stderr=subprocess.STDOUT, check=False
+                    ).returncode
+                except KeyboardInterrupt:
+                    return INTERRUPTED
 
 
 def simulate(

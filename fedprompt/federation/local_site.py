@@ -129,16 +129,25 @@ class ReleaseLog:
         os.replace(tmp, self.path)
 
 
-def simulated_index(cfg: DictConfig, node_config: Mapping[str, Any]) -> int:
-    """This node's site in simulation: its ``partition-id``, checked against the config."""
+def simulated_index(
+    cfg: DictConfig, node_config: Mapping[str, Any], *, in_session: bool = False
+) -> int:
+    """This node's site in simulation: its ``partition-id``, checked against the config.
+
+    In a session of many points (``grid_session``) the simulation has as many nodes as the
+    largest point has sites; a point only ever messages the nodes of its own sites.
+    """
     num_partitions = int(node_config.get("num-partitions", cfg.federation.num_sites))
+    index = int(node_config[PARTITION_KEY])
+    if in_session and index < int(cfg.federation.num_sites) <= num_partitions:
+        return index
     if num_partitions != int(cfg.federation.num_sites):
         raise ValueError(
             f"The federation has {num_partitions} nodes but federation.num_sites is "
             f"{cfg.federation.num_sites}; set them equal "
             f"(--federation-config num-supernodes={cfg.federation.num_sites})."
         )
-    return int(node_config[PARTITION_KEY])
+    return index
 
 
 def deployed_config(cfg: DictConfig, site: SiteConfig) -> DictConfig:
@@ -176,8 +185,10 @@ def _deployed_site(cfg: DictConfig, config_path: str) -> NodeSite:
     return NodeSite(site.name, deployed_config(cfg, site), 0, True, site.state_dir)
 
 
-def open_node_site(cfg: DictConfig, node_config: Mapping[str, Any]) -> NodeSite:
-    """The site this node serves, from its node config.
+def open_node_site(
+    cfg: DictConfig, node_config: Mapping[str, Any], *, in_session: bool = False
+) -> NodeSite:
+    """The site this node serves, from its node config (``in_session``: see ``simulated_index``).
 
     Raises:
         ConfigError: A deployed node without a site config.
@@ -196,7 +207,7 @@ def open_node_site(cfg: DictConfig, node_config: Mapping[str, Any]) -> NodeSite:
             "--node-config 'partition-id=<k> num-partitions=<n>', or run the federation with "
             "federation.mode=deployment."
         )
-    index = simulated_index(cfg, node_config)
+    index = simulated_index(cfg, node_config, in_session=in_session)
     name = f"site-{index}"
     state_dir = Path(str(cfg.output_dir), "sites", name) if cfg.output_dir else None
     return NodeSite(name, cfg, index, False, state_dir)

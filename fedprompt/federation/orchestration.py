@@ -9,6 +9,7 @@ site drops out.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -16,6 +17,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -489,6 +491,9 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     """Run (or continue) ``federation.rounds`` rounds over the sites' prompts; return a summary."""
     started = time.perf_counter()
     check_config(cfg)
+    # The same draws whether this process is fresh or has run other points of a grid before.
+    random.seed(int(cfg.seed))
+    torch.manual_seed(int(cfg.seed))
     mode = str(cfg.federation.mode)
     if mode == "simulation":
         check_site_sizes(cfg, site_train_sizes(cfg))

@@ -53,6 +53,12 @@ LEAF_KEYS: tuple[str, ...] = (
     "privacy.epsilon",
 )
 
+PLAN_KEY = "grid-plan"
+"""The run-config key of a session of many points (``grid_session``): its plan file's path.
+
+The app ``fedprompt simulate`` and ``fedprompt table`` write declares it (empty for one run);
+it names no config key, so the bridge passes over it."""
+
 RUN_CONFIG_KEYS: tuple[str, ...] = (
     "experiment",
     "overrides",
@@ -78,7 +84,7 @@ def run_config_to_overrides(run_config: Mapping[str, Any]) -> tuple[str | None, 
     Raises:
         ValueError: a key that the bridge does not know, naming the keys it does.
     """
-    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS) - {PLAN_KEY})
     if unknown:
         raise ValueError(
             f"Run-config keys {unknown} are not fedprompt keys; use one of {list(RUN_CONFIG_KEYS)} "
