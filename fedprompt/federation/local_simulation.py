@@ -168,13 +168,17 @@ def _group_alive(group: int) -> bool:
 
 
 @contextlib.contextmanager
-def private_superlink(workdir: Path) -> Iterator[dict[str, str]]:
+def private_superlink(workdir: Path, ray_address: str | None = None) -> Iterator[dict[str, str]]:
     """A SuperLink in simulation mode on a free port, and the environment that targets it.
 
     ``flwr run <app> fedprompt`` run with the yielded environment reaches this SuperLink; it and
     every process it started are stopped on exit, and killed at once should this process die
     first (``process_guard``). It and everything it starts (the SuperExec, flwr-simulation,
     Ray's daemons and actors) listen on the loopback interface only.
+
+    With ``ray_address`` the simulation joins that running Ray cluster instead of starting its
+    own Ray (``ray.init`` reads ``RAY_ADDRESS``): its actors, and so the sites, spread over the
+    cluster's nodes. The cluster is the operator's; its nodes listen as they were started.
     """
     port = _free_port()
     home = workdir / "flwr-home"
@@ -190,7 +194,7 @@ def private_superlink(workdir: Path) -> Iterator[dict[str, str]]:
     env = {
         **os.environ,
         **QUIET_FLOWER_ENV,
-        **LOOPBACK_RAY_ENV,
+        **({"RAY_ADDRESS": ray_address} if ray_address else LOOPBACK_RAY_ENV),
         "FLWR_HOME": str(home),
         "PATH": path,
         "PYTHONWARNINGS": warnings,
@@ -226,6 +230,12 @@ def private_superlink(workdir: Path) -> Iterator[dict[str, str]]:
             _stop(superlink)
             if superlink.stdin:
                 superlink.stdin.close()
+
+
+def ray_address_of(cfg: DictConfig) -> str | None:
+    """``federation.ray_address``: a running Ray cluster to simulate on (None: a private Ray)."""
+    address = cfg.federation.get("ray_address")
+    return str(address) if address else None
 
 
 def flwr_run_command(app_dir: Path, run_config: Path, cfg: DictConfig) -> list[str]:
@@ -351,7 +361,8 @@ def simulate_plan(plan: GridPlan, plan_file: Path, flower_log: Path) -> int:
             {"experiment": plan.experiment, PLAN_KEY: str(plan_file.resolve())},
         )
         flower_log.parent.mkdir(parents=True, exist_ok=True)
-        with _terminate_as_interrupt(), private_superlink(workdir) as env:
+        address = ray_address_of(largest)
+        with _terminate_as_interrupt(), private_superlink(workdir, address) as env:
             command = flwr_run_command(app_dir, run_config, largest)
             with flower_log.open("a", encoding="utf-8") as log:
                 try:
@@ -388,7 +399,8 @@ def simulate(
             workdir / "run-config.toml", overrides_to_run_config(experiment, overrides)
         )
         try:
-            with _terminate_as_interrupt(), private_superlink(workdir) as env:
+            address = ray_address_of(cfg)
+            with _terminate_as_interrupt(), private_superlink(workdir, address) as env:
                 command = flwr_run_command(app_dir, run_config, cfg)
                 if flower_log is None:
                     return subprocess.run(command, env=env, check=False).returncode
