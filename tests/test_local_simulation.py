@@ -285,3 +285,71 @@ def test_the_guard_ends_with_its_command_and_stops_what_it_left(tmp_path):
     assert guard.wait(timeout=20) == 0
     assert _gone(grandchild, timeout=1)
     guard.stdin.close()
+
+
+def _ray(*args: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("ray")), "start", "--block", *args]
+
+
+def _cluster_nodes(address: str) -> int:
+    """How many nodes of the Ray cluster at ``address`` are alive (asked in a child process)."""
+    ask = (
+        f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
+        "print(sum(node['Alive'] for node in ray.nodes()))"
+    )
+    done = subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True, timeout=60)
+    return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else 0
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_simulation_runs_on_a_two_node_ray_cluster(tmp_path):
+    port = local_simulation._free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    nodes = [
+        subprocess.Popen(
+            _ray("--head", "--port", str(port), "--include-dashboard", "false", *common),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while _cluster_nodes(address) < 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        nodes.append(
+            subprocess.Popen(
+                _ray("--address", address, *common),
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        while _cluster_nodes(address) < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert _cluster_nodes(address) == 2, "the two-node cluster did not come up"
+        out = tmp_path / "run"
+        command = [sys.executable, "-m", "fedprompt.cli", "simulate", "quickstart"]
+        command += ["federation.rounds=1", f"federation.ray_address={address}", f"output_dir={out}"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "completed" and len(summary["final"]["per_site"]) == 3
+        # One CPU per node and one per site: the cluster's two actors sit on different nodes.
+        log = (out / "flower.log").read_text(encoding="utf-8", errors="replace")
+        actors = {
+            line.split("ClientAppActor pid=")[1].split(")")[0]
+            for line in log.splitlines()
+            if "ClientAppActor pid=" in line
+        }
+        assert len(actors) == 2, sorted(actors)
+    finally:
+        for node in reversed(nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGTERM)
+            node.wait(timeout=30)
