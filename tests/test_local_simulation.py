@@ -67,6 +67,7 @@ def test_the_private_superlink_gets_rays_loopback_setting(monkeypatch, tmp_path)
             pass
     assert started == [env]
     assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert env["RAY_ADDRESS"] == "local"  # never a cluster `ray start` left on this machine
     # Ray itself, started with that environment, takes the loopback address as its node IP.
     ask = "from ray._private.services import get_node_ip_address; print(get_node_ip_address())"
     done = subprocess.run([sys.executable, "-c", ask], env=env, capture_output=True, text=True)
@@ -353,3 +354,7 @@ def test_a_simulation_runs_on_a_two_node_ray_cluster(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGTERM)
             node.wait(timeout=30)
+        # `ray start` recorded this cluster as the machine's current one; it is gone now.
+        record = Path("/tmp/ray/ray_current_cluster")
+        if record.is_file() and record.read_text().strip().endswith(f":{port}"):
+            record.unlink()

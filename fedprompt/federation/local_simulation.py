@@ -72,7 +72,10 @@ RAY_NOTICE_FILTER = "ignore::FutureWarning:ray._private.worker"
 # ray._private.services.get_node_ip_address answers the loopback address, as it does for a
 # one-machine Ray on macOS and Windows, and each of those servers binds 127.0.0.1 only. The
 # simulation's ray.init gets no node IP from Flower, so the environment is the only way in.
-LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# RAY_ADDRESS=local: a fresh Ray for this simulation. Without it, ray.init joins the cluster that
+# `ray start` last recorded in /tmp/ray/ray_current_cluster: someone's cluster (the private
+# simulation would run on it), or a dead one left behind (ray.init then hangs).
+LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": "local"}
 
 
 def _free_port() -> int:
