@@ -335,7 +335,7 @@ class SessionProgress(threading.Thread):
             last = now
 
     def finish(self) -> None:
-        """Stop watching (the session ended): report what ended meanwhile, then return."""
+        """Stop watching (the session ended); the caller settles the points not reported yet."""
         self._done.set()
         self.join()
 
