@@ -185,24 +185,32 @@ def train_local(
 
 
 @torch.no_grad()
-def predict(learner: Learner, features: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-    """Predicted class ids for frozen image features, in batches to bound memory."""
+def predict(
+    learner: Learner, features: torch.Tensor, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class ids and class probabilities for frozen image features.
+
+    The ids are the argmax of the learner's logits, the probabilities their softmax (float64,
+    (N, C)), which calibration needs; in batches to bound memory.
+    """
     learner.eval()
     device = learner.backbone.device
-    predictions = [
-        learner(features[begin : begin + batch_size].to(device, non_blocking=True))
-        .argmax(dim=1)
-        .cpu()
-        for begin in range(0, len(features), batch_size)
-    ]
-    return torch.cat(predictions).numpy() if predictions else np.empty(0, dtype=np.int64)
+    ids, probabilities = [], []
+    for begin in range(0, len(features), batch_size):
+        logits = learner(features[begin : begin + batch_size].to(device, non_blocking=True))
+        ids.append(logits.argmax(dim=1).cpu())
+        probabilities.append(torch.softmax(logits.double(), dim=1).cpu())
+    if not ids:
+        return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float64)
+    return torch.cat(ids).numpy(), torch.cat(probabilities).numpy()
 
 
 def evaluate(
     learner: Learner, features: torch.Tensor, labels: torch.Tensor, num_classes: int
 ) -> ClassificationMetrics:
-    """Accuracy, balanced accuracy and macro-F1 of the learner's current prompt."""
-    return classification_metrics(labels.numpy(), predict(learner, features), num_classes)
+    """Accuracy, per-class and calibration metrics of the learner's current prompt."""
+    predictions, probabilities = predict(learner, features)
+    return classification_metrics(labels.numpy(), predictions, num_classes, probabilities)
 
 
 class ProximalTerm(torch.nn.Module):

@@ -1,4 +1,5 @@
-"""Plots are written as PNGs: study points, metrics.jsonl lines, and the sites' scanners."""
+"""Plots are written as PNGs: study points, metrics.jsonl lines, the sites' scanners, reliability
+diagrams and confusion matrices."""
 
 import math
 
@@ -7,13 +8,17 @@ import pytest
 from PIL import Image
 
 from fedprompt.data.acquisition import site_profiles
+from fedprompt.evaluation.metrics import Reliability
 from fedprompt.evaluation.plots import (
     StudyPoint,
     accuracy_per_round,
     accuracy_vs_epsilon,
+    confusion_heatmap,
     metric_vs_epsilon,
     per_site_accuracy,
+    reliability_diagram,
     round_accuracies,
+    site_reliability_diagrams,
     site_views,
 )
 
@@ -116,3 +121,69 @@ def test_per_site_accuracy_sets_each_sites_global_beside_its_personalized_bar(tm
     assert labels == ["site-0", "site-1", "site-2\n(held out)"]
     with pytest.raises(ValueError, match="No site has a personalized accuracy"):
         per_site_accuracy({"coop": without})
+
+
+# 10 images: 4 in bin 10 (2 right), 6 in bin 14 (6 right); summed confidences 2.84 and 5.7.
+BINS = Reliability(
+    tuple(4 if b == 10 else 6 if b == 14 else 0 for b in range(15)),
+    tuple(2 if b == 10 else 6 if b == 14 else 0 for b in range(15)),
+    tuple(2.84 if b == 10 else 5.7 if b == 14 else 0.0 for b in range(15)),
+)
+
+
+def test_reliability_diagram_shows_accuracy_and_count_per_bin_and_the_ece(tmp_path):
+    path = tmp_path / "reliability_diagram.png"
+    figure = reliability_diagram(BINS, path, title="central")
+    assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000
+    accuracy_axes, count_axes = figure.axes
+    # ECE = 0.4 |0.5 - 0.71| + 0.6 |1 - 0.95| = 0.114
+    assert accuracy_axes.get_title() == "central: ECE 11.4%"
+    assert [round(bar.get_height(), 6) for bar in accuracy_axes.patches] == [0.5, 1.0]
+    assert [bar.get_height() for bar in count_axes.patches if bar.get_height()] == [4, 6]
+    # Counts alone (what a site shares) take the ECE the site reported.
+    counts_only = Reliability(BINS.count, BINS.correct)
+    assert reliability_diagram(counts_only, ece=0.2).axes[0].get_title() == "ECE 20.0%"
+
+
+def test_site_reliability_diagrams_give_each_site_its_panels(tmp_path):
+    path = tmp_path / "reliability_diagram_per_site.png"
+    sites = {f"site-{i}": (Reliability(BINS.count, BINS.correct), 0.1 * i) for i in range(5)}
+    figure = site_reliability_diagrams(sites, path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
+    assert titles[0] == "site-0: ECE 0.0%, 10 images" and len(titles) == 5
+    with pytest.raises(ValueError, match="share_site_histograms"):
+        site_reliability_diagrams({})
+
+
+def test_confusion_heatmap_writes_every_count(tmp_path):
+    path = tmp_path / "confusion_matrix.png"
+    counts = [[5, 1, 0], [2, 7, 0], [0, 3, 9]]
+    figure = confusion_heatmap(counts, ["glioma", "meningioma", "normal"], path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    axes = figure.axes[0]
+    assert [text.get_text() for text in axes.texts] == [str(n) for row in counts for n in row]
+    assert [label.get_text() for label in axes.get_yticklabels()] == [
+        "glioma",
+        "meningioma",
+        "normal",
+    ]
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("predicted class", "true class")
+    with pytest.raises(ValueError, match="shape \\(3, 3\\) for 2 classes"):
+        confusion_heatmap(counts, ["a", "b"])
+
+
+def test_ece_against_epsilon_in_percent(tmp_path):
+    points = [
+        StudyPoint("coop", epsilon, seed, 0.5, ece=ece + 0.01 * seed)
+        for epsilon, ece in ((1.0, 0.2), (8.0, 0.1), (math.inf, 0.05))
+        for seed in range(2)
+    ]
+    figure = metric_vs_epsilon(points, tmp_path / "ece.png", metric="ece")
+    axes = figure.axes[0]
+    assert axes.get_ylabel() == "expected calibration error (%)"
+    (bars,) = axes.containers  # the mean over the two seeds at epsilon 1 and 8, in percent
+    assert bars.get_label() == "coop"
+    assert list(bars[0].get_ydata()) == pytest.approx([20.5, 10.5])
+    with pytest.raises(ValueError, match="ece"):
+        metric_vs_epsilon([StudyPoint("coop", 1.0, 0, 0.5)], metric="ece")

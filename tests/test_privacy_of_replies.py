@@ -1,12 +1,13 @@
 """Nothing private leaves a site: every reply of a run holds only the trainable tensors and
 scalar metrics (under personalization, the global part only), and a failing site's reply names
-no file."""
+no file. Per-bin counts of a site's test set leave it only where the run asks for them."""
 
 import pytest
 from flwr.app import MessageType
 from sites_on_disk import corrupt_one_image, write_site
 
 from fedprompt.config import compose_config
+from fedprompt.evaluation.plots import SITE_RELIABILITY_PLOT
 from fedprompt.federation.inprocess_grid import InProcessGrid
 from fedprompt.federation.orchestration import run_federation
 from fedprompt.federation.run_config import default_run_config
@@ -14,7 +15,10 @@ from fedprompt.personalization.local_store import LocalStore
 from fedprompt.site_rounds import backbone_for, build_learner
 
 TRAIN_METRICS = {"num-examples", "train-loss", "train-steps", "train-seconds"}
-EVALUATE_METRICS = {"num-examples", "accuracy", "balanced-accuracy", "macro-f1"}
+EVALUATE_METRICS = {"num-examples", "accuracy", "balanced-accuracy", "macro-f1", "ece", "brier"}
+# Every site of these runs holds test images of all four classes (and of others than each).
+PER_CLASS_METRICS = {f"{name}-{k}" for name in ("sensitivity", "specificity") for k in range(4)}
+HISTOGRAM_METRICS = {f"reliability-{kind}-{b}" for kind in ("count", "correct") for b in range(15)}
 
 
 def _simulated(tmp_path):
@@ -26,6 +30,11 @@ def _simulated(tmp_path):
 def _personalized(tmp_path):
     overrides, nodes, names, identity = _simulated(tmp_path)
     return [*overrides, "personalization=promptfolio"], nodes, names, identity
+
+
+def _histograms(tmp_path):
+    overrides, nodes, names, identity = _simulated(tmp_path)
+    return [*overrides, "evaluation.share_site_histograms=true"], nodes, names, identity
 
 
 def _deployed(tmp_path):
@@ -47,8 +56,8 @@ def _deployed(tmp_path):
 
 @pytest.mark.parametrize(
     "setup",
-    [_simulated, _deployed, _personalized],
-    ids=["simulation", "deployment", "personalized"],
+    [_simulated, _deployed, _personalized, _histograms],
+    ids=["simulation", "deployment", "personalized", "histograms"],
 )
 def test_every_reply_holds_only_trainable_tensors_and_scalar_metrics(tmp_path, setup):
     overrides, nodes, names, identity = setup(tmp_path)
@@ -79,7 +88,10 @@ def test_every_reply_holds_only_trainable_tensors_and_scalar_metrics(tmp_path, s
                 assert tuple(array.shape) == tuple(trainable[key].shape)
         else:
             personal = {"personalized-accuracy"} if setup is _personalized else set()
-            assert set(metrics) == EVALUATE_METRICS | identity | personal
+            # Bin counts only where asked for: by default a site sends its scores alone.
+            counts = HISTOGRAM_METRICS if setup is _histograms else set()
+            expected = EVALUATE_METRICS | PER_CLASS_METRICS | identity | personal | counts
+            assert set(metrics) == expected
             assert not content.array_records
         kinds[reply.metadata.message_type] += 1
     # Deployment: hospital-x cannot train (a corrupt training image) but still evaluates.
@@ -93,3 +105,5 @@ def test_every_reply_holds_only_trainable_tensors_and_scalar_metrics(tmp_path, s
         for index in range(3):
             kept = LocalStore(tmp_path / f"run/sites/site-{index}/personalization/run").latest(2)
             assert kept is not None and set(kept[1]) == {"personal.ctx"}
+    # The server can draw a site's reliability diagram only from the counts the site chose to send.
+    assert (tmp_path / "run" / SITE_RELIABILITY_PLOT).exists() == (setup is _histograms)

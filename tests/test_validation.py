@@ -44,20 +44,21 @@ def train_reply(node, value=1.0, num_examples=10, arrays=None, **metrics) -> Mes
     return Message(content, reply_to=instruction(node, MessageType.TRAIN))
 
 
-def evaluate_reply(node, accuracy=0.5, num_examples=10) -> Message:
-    metrics = MetricRecord({"num-examples": num_examples, "accuracy": accuracy})
+def evaluate_reply(node, accuracy=0.5, num_examples=10, **extra) -> Message:
+    metrics = MetricRecord({"num-examples": num_examples, "accuracy": accuracy, **extra})
     return Message(
         RecordDict({"metrics": metrics}), reply_to=instruction(node, MessageType.EVALUATE)
     )
 
 
-def _validator(rejections):
+def _validator(rejections, **settings):
     return UpdateValidation(
         FedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1),
         REFERENCE,
         max_update_ratio=10.0,
         site_name=lambda node: f"hospital-{node}",
         on_reject=lambda *args: rejections.append(args),
+        **settings,
     )
 
 
@@ -198,6 +199,62 @@ def test_an_evaluation_without_test_images_is_neither_rejected_nor_averaged(capl
     # A training reply without images is still refused.
     validator.aggregate_train(3, [train_reply(5, num_examples=0)])
     assert [r[0] for r in rejections] == [5]
+
+
+def _bins(count=1, right=1):
+    """A site's shared reliability bins: ``count`` images in bin 14, ``right`` of them right."""
+    values = {f"reliability-{kind}-{b}": 0 for kind in ("count", "correct") for b in range(15)}
+    return values | {"reliability-count-14": count, "reliability-correct-14": right}
+
+
+def test_per_class_values_may_differ_by_site_and_stay_out_of_the_average():
+    rejections = []
+    # hospital-2's test set holds class 0 only, hospital-3's both classes.
+    only_zero = {"sensitivity-0": 0.5, "specificity-1": 0.5}
+    both = {"sensitivity-0": 1.0, "sensitivity-1": 0.5, "specificity-0": 0.5, "specificity-1": 1.0}
+    validator = _validator(rejections, num_classes=lambda site: 2)
+    metrics = validator.aggregate_evaluate(
+        1, [evaluate_reply(2, 0.5, 10, **only_zero), evaluate_reply(3, 1.0, 30, **both)]
+    )
+    assert rejections == []
+    # Flower averages what every site sends alike; a site's per-class values are its own.
+    assert set(metrics) == {"accuracy"}
+    assert metrics["accuracy"] == pytest.approx((0.5 * 10 + 1.0 * 30) / 40)
+
+
+BAD_DETAILS = {
+    "a class beyond the site's": ({"sensitivity-2": 0.5}, "names a class beyond the site's 2"),
+    "not a fraction": ({"specificity-0": 1.5}, "not a fraction"),
+    "bins not asked for": (_bins(), "which this run did not ask for"),
+}
+
+
+@pytest.mark.parametrize("fault", list(BAD_DETAILS))
+def test_malformed_or_unasked_per_class_values_and_bins_are_rejected(fault):
+    extra, reason = BAD_DETAILS[fault]
+    rejections = []
+    validator = _validator(rejections, num_classes=lambda site: 2)
+    metrics = validator.aggregate_evaluate(
+        1, [evaluate_reply(2, 0.5, 10), evaluate_reply(3, 1.0, 30, **extra)]
+    )
+    assert [r[0] for r in rejections] == [3] and re.search(reason, rejections[0][2])
+    assert metrics["accuracy"] == 0.5
+
+
+def test_bins_are_accepted_only_where_asked_for_and_whole():
+    rejections = []
+    validator = _validator(rejections, share_histograms=True)
+    bad = {
+        4: _bins(count=1, right=2),  # more right than in the bin
+        5: _bins(count=1.5, right=1),  # not a count
+        6: {k: v for k, v in _bins().items() if k != "reliability-count-3"},  # a bin missing
+    }
+    replies = [evaluate_reply(2, 0.5, 10, **_bins()), evaluate_reply(3, 1.0, 30, **_bins(3, 0))]
+    replies += [evaluate_reply(node, 1.0, 10, **bins) for node, bins in bad.items()]
+    metrics = validator.aggregate_evaluate(1, replies)
+    assert sorted(r[0] for r in rejections) == [4, 5, 6]
+    assert "bin 14 counts 2 right of 1" in rejections[0][2]
+    assert set(metrics) == {"accuracy"}  # the bins are recorded per site, not averaged
 
 
 def test_a_site_that_sends_garbage_is_rejected_every_round_and_the_run_completes(tmp_path):

@@ -1,7 +1,10 @@
-"""Run and study plots: accuracy (or attack AUC) against epsilon, accuracy per round, site views.
+"""Run and study plots: metrics against epsilon and per round, site views, calibration.
 
-``site_views`` shows one image as each simulated site's scanner acquires it; ``per_site_accuracy``
-each site's accuracy under the global and under its personalized prompt.
+Accuracy, attack AUC or ECE against epsilon; accuracy per round. ``site_views`` shows one image
+as each simulated site's scanner acquires it; ``per_site_accuracy`` each site's accuracy under the
+global and under its personalized prompt; ``reliability_diagram`` whether the model's confidence
+matches how often it is right (Guo et al., ICML 2017), and ``confusion_heatmap`` which classes it
+mistakes for which.
 
 Figures are built on ``matplotlib.figure.Figure`` directly, never through ``pyplot``: no global
 figure state, no display needed, and saving a PNG uses the Agg canvas whatever the process's
@@ -25,9 +28,18 @@ from matplotlib.ticker import NullLocator
 from PIL import Image
 
 from fedprompt.data.acquisition import AcquisitionProfile
+from fedprompt.evaluation.metrics import Reliability
 
-Metric = Literal["accuracy", "mia_auc"]
-_METRIC_LABELS = {"accuracy": "accuracy (%)", "mia_auc": "membership-inference AUC"}
+Metric = Literal["accuracy", "mia_auc", "ece"]
+_METRIC_LABELS = {
+    "accuracy": "accuracy (%)",
+    "mia_auc": "membership-inference AUC",
+    "ece": "expected calibration error (%)",
+}
+RELIABILITY_PLOT = "reliability_diagram.png"
+CONFUSION_PLOT = "confusion_matrix.png"
+SITE_RELIABILITY_PLOT = "reliability_diagram_per_site.png"
+"""The figures a run writes into its results folder at its end."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,7 @@ class StudyPoint:
         seed: The run's seed; points that differ only in seed make one error bar.
         accuracy: Final accuracy, a fraction in [0, 1].
         mia_auc: The membership-inference AUC on the final prompt, where measured.
+        ece: The final expected calibration error, a fraction, where measured.
     """
 
     method: str
@@ -47,6 +60,7 @@ class StudyPoint:
     seed: int
     accuracy: float
     mia_auc: float | None = None
+    ece: float | None = None
 
 
 def _mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
@@ -58,6 +72,8 @@ def _mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
 def _value(point: StudyPoint, metric: Metric) -> float | None:
     if metric == "accuracy":
         return 100.0 * point.accuracy
+    if metric == "ece":
+        return None if point.ece is None else 100.0 * point.ece
     return point.mia_auc
 
 
@@ -77,7 +93,7 @@ def metric_vs_epsilon(
     Args:
         points: The study's runs.
         path: Where to save the PNG, if anywhere.
-        metric: ``accuracy`` (in percent) or ``mia_auc``.
+        metric: ``accuracy`` or ``ece`` (in percent), or ``mia_auc``.
         title: Figure title.
 
     Raises:
@@ -315,6 +331,139 @@ def per_site_accuracy(
     grid[0].legend(fontsize="small", frameon=False)
     if title:
         figure.suptitle(title)
+    return _saved(figure, path)
+
+
+def _bin_centres(bins: int) -> np.ndarray:
+    return (np.arange(bins) + 0.5) / bins
+
+
+def _reliability_panels(
+    accuracy_axes: Axes, count_axes: Axes, bins: Reliability, title: str
+) -> None:
+    """Accuracy per confidence bin against the diagonal, the bin's images below."""
+    width = 1.0 / len(bins.count)
+    centres = _bin_centres(len(bins.count))
+    filled = [b for b, n in enumerate(bins.count) if n]
+    accuracy = bins.accuracy()
+    accuracy_axes.bar(
+        centres[filled],
+        [accuracy[b] for b in filled],
+        width,
+        color="C0",
+        edgecolor="white",
+        label="accuracy",
+    )
+    if bins.confidence:
+        mean = [bins.confidence[b] / bins.count[b] for b in filled]
+        accuracy_axes.plot(centres[filled], mean, "o", color="C3", ms=4, label="mean confidence")
+    accuracy_axes.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="calibrated")
+    accuracy_axes.set_xlim(0, 1)
+    accuracy_axes.set_ylim(0, 1)
+    accuracy_axes.set_ylabel("accuracy")
+    accuracy_axes.set_title(title, fontsize="small")
+    accuracy_axes.legend(fontsize="x-small", frameon=False, loc="upper left")
+    accuracy_axes.grid(True, alpha=0.3)
+    count_axes.bar(centres, bins.count, width, color="C7", edgecolor="white")
+    count_axes.set_xlim(0, 1)
+    count_axes.set_xlabel("confidence (largest class probability)")
+    count_axes.set_ylabel("images")
+
+
+def _ece_words(ece: float | None) -> str:
+    return "ECE not known" if ece is None else f"ECE {100 * ece:.1f}%"
+
+
+def reliability_diagram(
+    bins: Reliability,
+    path: str | os.PathLike | None = None,
+    *,
+    title: str | None = None,
+    ece: float | None = None,
+) -> Figure:
+    """Accuracy and number of images per confidence bin, the ECE in the title.
+
+    Bars under the diagonal are bins where the model is more confident than right (Guo et al.,
+    2017, Fig. 1). ``ece`` is used where the bins hold no confidence (a site's shared counts).
+    """
+    figure = Figure(figsize=(5.0, 5.2), layout="constrained")
+    accuracy_axes, count_axes = figure.subplots(
+        2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    words = _ece_words(bins.ece if bins.ece is not None else ece)
+    heading = f"{title}: {words}" if title else words
+    _reliability_panels(accuracy_axes, count_axes, bins, heading)
+    return _saved(figure, path)
+
+
+def site_reliability_diagrams(
+    sites: Mapping[str, tuple[Reliability, float | None]],
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Each site's reliability diagram (its shared bin counts), its ECE in the panel's title.
+
+    Args:
+        sites: Site name -> its bins and the ECE it reported.
+        path: Where to save the PNG, if anywhere.
+
+    Raises:
+        ValueError: No site.
+    """
+    if not sites:
+        raise ValueError("No site shared its bins; set evaluation.share_site_histograms=true.")
+    columns = min(len(sites), 4)
+    rows = math.ceil(len(sites) / columns)
+    figure = Figure(figsize=(3.6 * columns, 4.2 * rows), layout="constrained")
+    grid = figure.subplots(
+        2 * rows, columns, squeeze=False, gridspec_kw={"height_ratios": [3, 1] * rows}
+    )
+    for index, (name, (bins, ece)) in enumerate(sites.items()):
+        row, column = divmod(index, columns)
+        words = f"{name}: {_ece_words(ece)}, {sum(bins.count)} images"
+        _reliability_panels(grid[2 * row, column], grid[2 * row + 1, column], bins, words)
+    for index in range(len(sites), rows * columns):
+        row, column = divmod(index, columns)
+        grid[2 * row, column].set_axis_off()
+        grid[2 * row + 1, column].set_axis_off()
+    return _saved(figure, path)
+
+
+def confusion_heatmap(
+    counts: Sequence[Sequence[int]],
+    classnames: Sequence[str],
+    path: str | os.PathLike | None = None,
+    *,
+    title: str | None = None,
+) -> Figure:
+    """The confusion matrix as a heat map, the count written in each cell.
+
+    True classes are rows, predicted classes columns, as ``metrics.confusion_matrix`` counts.
+
+    Raises:
+        ValueError: The matrix is not square with one row per class.
+    """
+    matrix = np.asarray(counts, dtype=np.int64)
+    if matrix.shape != (len(classnames), len(classnames)):
+        raise ValueError(
+            f"A confusion matrix of shape {matrix.shape} for {len(classnames)} classes; "
+            "give one row and one column per class."
+        )
+    size = max(4.0, 0.9 * len(classnames) + 2.0)
+    figure = Figure(figsize=(size + 1.0, size), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(matrix, cmap="Blues", vmin=0)
+    figure.colorbar(image, ax=axes, label="images")
+    brightest = matrix.max() if matrix.size else 0
+    for (row, column), value in np.ndenumerate(matrix):
+        colour = "white" if brightest and value > brightest / 2 else "black"
+        axes.text(column, row, str(value), ha="center", va="center", color=colour)
+    ticks = range(len(classnames))
+    axes.set_xticks(ticks, classnames, rotation=30, ha="right", fontsize="small")
+    axes.set_yticks(ticks, classnames, fontsize="small")
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    if title:
+        axes.set_title(title)
     return _saved(figure, path)
 
 

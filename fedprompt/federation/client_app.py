@@ -34,6 +34,7 @@ from fedprompt.federation.local_site import (
 from fedprompt.federation.run_config import PLAN_KEY, config_from_run_config
 from fedprompt.federation.secure_aggregation import secure_aggregation_mod
 from fedprompt.federation.site_level_dp import SITE_WEIGHT_KEY, site_level_clipping_mod
+from fedprompt.federation.site_scores import reply_metrics
 from fedprompt.federation.validation import HELD_OUT_KEY
 from fedprompt.privacy.dp_training import DPTrainStats
 from fedprompt.site_rounds import backbone_for, privacy_mode
@@ -234,9 +235,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global prompt on this site's own test images.
 
     Under a personalization scheme the site also scores its own prompt and sends that one
-    scalar (``personalized-accuracy``); its local tensors stay here. A site without test
-    images answers ``num-examples`` 0 and no scores (an accuracy of 0 would be a made-up
-    number); the server records it as having no test images.
+    scalar (``personalized-accuracy``); its local tensors stay here. The scores are scalars,
+    key by key in ``site_scores``: accuracy, calibration, per-class sensitivity and specificity,
+    and per-bin counts only where the run asks (``evaluation.share_site_histograms``). A site
+    without test images answers ``num-examples`` 0 and no scores (an accuracy of 0 would be a
+    made-up number); the server records it as having no test images.
     """
     try:
         site = _open(msg, context)
@@ -254,9 +257,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         **_site_weight(site),
     }
     if result.metrics.num_test:
-        values["accuracy"] = result.metrics.accuracy
-        values["balanced-accuracy"] = result.metrics.balanced_accuracy
-        values["macro-f1"] = result.metrics.macro_f1
+        share = bool(site.cfg.evaluation.get("share_site_histograms", False))
+        values.update(reply_metrics(result.metrics, share_histograms=share))
     if result.personalized is not None and not site.held_out:
         values["personalized-accuracy"] = result.personalized.accuracy
     if result.mia_auc is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
@@ -36,7 +36,15 @@ from fedprompt.data.sites import (
     with_dataset,
     write_site_views,
 )
-from fedprompt.evaluation.metrics import BaseToNovelMetrics, ClassificationMetrics
+from fedprompt.evaluation.metrics import BaseToNovelMetrics, ClassificationMetrics, Reliability
+from fedprompt.evaluation.plots import (
+    CONFUSION_PLOT,
+    RELIABILITY_PLOT,
+    SITE_RELIABILITY_PLOT,
+    confusion_heatmap,
+    reliability_diagram,
+    site_reliability_diagrams,
+)
 from fedprompt.federation.checkpoint import (
     Checkpoint,
     RoundOffset,
@@ -54,6 +62,7 @@ from fedprompt.federation.site_level_dp import (
     site_level_spent,
     wrap_site_level,
 )
+from fedprompt.federation.site_scores import PER_CLASS_METRICS, SiteClasses, by_class_name
 from fedprompt.federation.strategies import build_strategy
 from fedprompt.federation.validation import UpdateValidation
 from fedprompt.learners import Learner
@@ -129,8 +138,55 @@ def wait_for_sites(grid: Grid, num_sites: int, timeout: float, min_sites: int | 
         time.sleep(1.0)
 
 
-def _final_metrics(lines: list[dict[str, Any]]) -> dict[str, Any]:
-    """Central test metrics where measured, else the sites' test metrics weighted by size."""
+def _site_scores(site: dict[str, Any], classnames: Sequence[str]) -> dict[str, Any]:
+    """A site's calibration and per-class values in ``final.per_site``, where it sent them."""
+    scores: dict[str, Any] = {}
+    if site.get("ece") is not None:
+        scores |= {"ece": site["ece"], "brier": site.get("brier")}
+    if site.get("sensitivity") is not None or site.get("specificity") is not None:
+        scores["per_class"] = {
+            name: by_class_name(site.get(name), classnames) for name in PER_CLASS_METRICS
+        }
+    return scores
+
+
+def _central_scores(central: dict[str, Any], classnames: Sequence[str]) -> dict[str, Any]:
+    """``final``'s calibration, per-class values by class name and confusion matrix (central)."""
+    counts = central.get("confusion_matrix")
+    return {
+        "ece": central.get("ece"),
+        "brier": central.get("brier"),
+        "per_class": {
+            name: by_class_name(central.get(name), classnames) for name in PER_CLASS_METRICS
+        },
+        "confusion_matrix": (
+            {"classnames": list(classnames), "counts": counts} if counts is not None else None
+        ),
+    }
+
+
+def _federated_scores(sites: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The sites' ECE and Brier score weighted by test size; no pooled per-class values.
+
+    Pooling sensitivity over sites needs each site's images per class, which no site sends, so
+    ``per_class`` and ``confusion_matrix`` are None (each site's own are in ``per_site``).
+    """
+    calibrated = [s for s in sites if s.get("ece") is not None]
+    total = sum(s["num_test"] for s in calibrated)
+    return {
+        key: sum(s[key] * s["num_test"] for s in calibrated) / total if total else None
+        for key in ("ece", "brier")
+    } | {"per_class": None, "confusion_matrix": None}
+
+
+def _final_metrics(
+    lines: list[dict[str, Any]], classnames: Sequence[str], site_classes: SiteClasses
+) -> dict[str, Any]:
+    """Central test metrics where measured, else the sites' test metrics weighted by size.
+
+    ``classnames`` names the central evaluation's classes and ``site_classes`` each site's, so
+    that per-class values are given by class name.
+    """
     last = lines[-1] if lines else None
     if last is None:
         raise RuntimeError("No round completed, so there are no final metrics to report.")
@@ -141,6 +197,7 @@ def _final_metrics(lines: list[dict[str, Any]]) -> dict[str, Any]:
             if site.get("personalized_accuracy") is not None
             else {}
         )
+        | _site_scores(site, site_classes(name))
         for name, site in last["sites"].items()
         if site["accuracy"] is not None
     }
@@ -148,6 +205,7 @@ def _final_metrics(lines: list[dict[str, Any]]) -> dict[str, Any]:
         final = {key: last["central"][key] for key in ("accuracy", "balanced_accuracy", "macro_f1")}
         final |= {key: last["central"][key] for key in NOVEL_KEYS if key in last["central"]}
         final["source"] = "central"
+        final |= _central_scores(last["central"], classnames)
     else:
         sites = [s for s in last["sites"].values() if s["accuracy"] is not None]
         total = sum(s["num_test"] for s in sites) or 1
@@ -156,6 +214,7 @@ def _final_metrics(lines: list[dict[str, Any]]) -> dict[str, Any]:
             for key in ("accuracy", "balanced_accuracy", "macro_f1")
         }
         final["source"] = "federated"
+        final |= _federated_scores(sites)
     final["federated_accuracy"] = last["federated_accuracy"]
     final["personalized_accuracy"] = last.get("personalized_accuracy")
     final["unseen_site_accuracy"] = last.get("unseen_site_accuracy")
@@ -167,6 +226,51 @@ def _final_metrics(lines: list[dict[str, Any]]) -> dict[str, Any]:
     final["mia_auc"] = sum(attacks) / len(attacks) if attacks else None
     final["per_site"] = per_site
     return final
+
+
+def _site_classes(cfg: DictConfig, learner: Learner) -> SiteClasses:
+    """The classes each site scores, by its name.
+
+    Its own dataset's under ``federation.site_datasets``, else the run's (under base-to-novel the
+    base classes, which the sites train and test on).
+    """
+    if not site_tasks(cfg):
+        return lambda _site: learner.classnames
+    own = {}
+    for index in range(len(site_tasks(cfg))):
+        data = open_site(cfg, index).data
+        own[data.name] = tuple(data.classnames)
+    return lambda site: own.get(site, ())
+
+
+def _write_figures(results: ResultsFolder, line: dict[str, Any], classnames: Sequence[str]) -> None:
+    """The last round's figures in the results folder, for a reader who does not read JSON.
+
+    The central evaluation's reliability diagram and confusion matrix (``reliability_diagram.png``,
+    ``confusion_matrix.png``) and, where the sites shared their bins
+    (``evaluation.share_site_histograms``), each site's (``reliability_diagram_per_site.png``).
+    """
+    central = line.get("central") or {}
+    if central.get("reliability"):
+        reliability_diagram(
+            Reliability.from_dict(central["reliability"]),
+            results.path / RELIABILITY_PLOT,
+            title="Central test split, after the last round",
+        )
+    if central.get("confusion_matrix"):
+        confusion_heatmap(
+            central["confusion_matrix"],
+            classnames,
+            results.path / CONFUSION_PLOT,
+            title="Central test split, after the last round",
+        )
+    shared = {
+        name: (Reliability.from_dict(site["reliability"]), site.get("ece"))
+        for name, site in line["sites"].items()
+        if site.get("reliability")
+    }
+    if shared:
+        site_reliability_diagrams(shared, results.path / SITE_RELIABILITY_PLOT)
 
 
 def _open_results(cfg: DictConfig) -> tuple[ResultsFolder, Checkpoint | None]:
@@ -412,6 +516,7 @@ def _strategy(
     min_available: int,
     secure: bool = False,
     held_out: list[str] | None = None,
+    site_classes: SiteClasses | None = None,
 ) -> tuple[Strategy, SiteLevelStrategy | None]:
     """Validation around the configured strategy (inside Flower's DP wrapper for site-level DP).
 
@@ -443,6 +548,8 @@ def _strategy(
         on_aggregate=grid.record_aggregated,
         secure_sum=secure,
         held_out=held_out or [],
+        share_histograms=bool(cfg.evaluation.get("share_site_histograms", False)),
+        num_classes=(lambda site: len(site_classes(site))) if site_classes else None,
     )
     return validation, wrapper
 
@@ -540,8 +647,9 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         wait_for_sites(metered, num_sites, connect_timeout, min_sites=min_sites)
         min_available = min_sites
     held_out = held_out_sites(cfg, sites.site_names)
+    site_classes = _site_classes(cfg, learner)
     strategy, site_level = _strategy(
-        cfg, reference, metered, min_available, secagg is not None, held_out
+        cfg, reference, metered, min_available, secagg is not None, held_out, site_classes
     )
     train_grid: Grid = metered
     if secagg is not None:
@@ -575,6 +683,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         dataset=dataset,
         held_out=held_out,
         unseen_datasets=unseen,
+        site_classes=site_classes,
     )
     identity = {
         "experiment": str(cfg.experiment_name),
@@ -611,7 +720,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         "reason": None,
         "protocol": protocol_report(cfg.get("protocol"), int(cfg.train.shots), classnames),
         "resumed_after_round": done if checkpoint is not None else None,
-        "final": _final_metrics(lines),
+        "final": _final_metrics(lines, learner.classnames, site_classes),
         "initial": monitor.initial,
         "communication": {
             "trainable_parameters": learner.num_trainable(),
@@ -628,6 +737,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - started,
     }
     results.write_json("summary.json", summary)
+    _write_figures(results, lines[-1], learner.classnames)
     log(
         INFO,
         "[fedprompt] final %s accuracy %.1f%%; results in %s",

@@ -14,6 +14,7 @@ from flwr.serverapp.strategy import Strategy
 from fedprompt.evaluation.metrics import BaseToNovelMetrics, ClassificationMetrics
 from fedprompt.federation.checkpoint import save_checkpoint
 from fedprompt.federation.metered_grid import MeteredGrid, RoundTraffic, SiteTraffic
+from fedprompt.federation.site_scores import SiteClasses, per_class, shared_reliability
 from fedprompt.results import ResultsFolder
 
 CentralEvaluation = Callable[[ArrayRecord], ClassificationMetrics | BaseToNovelMetrics]
@@ -46,7 +47,8 @@ DP_LINE_KEYS = {
 """The privacy a DP-SGD site reports each round: its key in a site's line -> the metric sent."""
 
 
-def _site_line(traffic: SiteTraffic) -> dict[str, Any]:
+def _site_line(traffic: SiteTraffic, num_classes: int) -> dict[str, Any]:
+    """A site's entry in the round's line; per-class lists by class id, ``num_classes`` long."""
     rejected_train = any(r.startswith("update") for r in traffic.rejected)
     rejected_evaluate = any(r.startswith("evaluation") for r in traffic.rejected)
     train = {} if rejected_train else traffic.train
@@ -60,7 +62,14 @@ def _site_line(traffic: SiteTraffic) -> dict[str, Any]:
         "num_test": evaluate.get("num-examples"),
         "mia_auc": evaluate.get("mia-auc"),
         "personalized_accuracy": evaluate.get("personalized-accuracy"),
+        "ece": evaluate.get("ece"),
+        "brier": evaluate.get("brier"),
     }
+    scores = per_class(evaluate, num_classes) or {}
+    line["sensitivity"] = scores.get("sensitivity")
+    line["specificity"] = scores.get("specificity")
+    bins = shared_reliability(evaluate)
+    line["reliability"] = None if bins is None else bins.as_dict()
     line.update({key: train.get(metric) for key, metric in DP_LINE_KEYS.items()})
     line.update(
         {
@@ -72,6 +81,13 @@ def _site_line(traffic: SiteTraffic) -> dict[str, Any]:
         }
     )
     return line
+
+
+def _scalars(central: dict[str, Any]) -> MetricRecord:
+    """The central metrics Flower keeps: the scalars (per-class lists and bins stay in the line)."""
+    return MetricRecord(
+        {key: value for key, value in central.items() if isinstance(value, (int, float))}
+    )
 
 
 def _kb(num_bytes: float) -> str:
@@ -100,6 +116,8 @@ class RunMonitor:
             make the line's ``unseen_site_accuracy`` and stay out of ``federated_accuracy``.
         unseen_datasets: Accuracy of the global prompt on each dataset no site holds
             (``evaluation.unseen_datasets``), for the line's ``unseen_datasets``.
+        site_classes: The class names each site scores, by its name: the length of the lists
+            of its per-class sensitivity and specificity in each line (none without it).
     """
 
     def __init__(
@@ -117,6 +135,7 @@ class RunMonitor:
         dataset: str = "",
         held_out: Sequence[str] = (),
         unseen_datasets: Callable[[ArrayRecord], dict[str, float]] | None = None,
+        site_classes: SiteClasses | None = None,
     ) -> None:
         self.results = results
         self.grid = grid
@@ -131,6 +150,7 @@ class RunMonitor:
         self.dataset = dataset
         self.held_out = list(held_out)
         self.unseen_datasets = unseen_datasets
+        self.site_classes = site_classes
         self._known: set[int] = set()
         self._round_start = time.perf_counter()
 
@@ -147,7 +167,7 @@ class RunMonitor:
                     "[fedprompt] before training: central accuracy %.1f%%",
                     100 * self.initial["accuracy"],
                 )
-            return MetricRecord(self.initial) if self.initial else None
+            return _scalars(self.initial) if self.initial else None
         run_round = server_round + self.round_offset
         central = self.central(arrays).as_dict() if self.central else None
         line = self._line(run_round, self.grid.take_round(), central)
@@ -163,13 +183,17 @@ class RunMonitor:
                 f"Round {run_round} aggregated no site's update, so the prompt did not train "
                 f"({_why_nothing_was_aggregated(line)})."
             )
-        return MetricRecord(central) if central else None
+        return _scalars(central) if central else None
 
     def _line(
         self, run_round: int, traffic: RoundTraffic, central: dict[str, Any] | None
     ) -> dict[str, Any]:
         name = self.grid.sites.name
-        sites = {name(node): _site_line(t) for node, t in traffic.nodes.items()}
+        classes = self.site_classes
+        sites = {
+            name(node): _site_line(t, len(classes(name(node))) if classes else 0)
+            for node, t in traffic.nodes.items()
+        }
         missing = {
             name(node): "; ".join(dict.fromkeys(t.errors))
             for node, t in traffic.nodes.items()

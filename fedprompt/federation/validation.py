@@ -18,10 +18,12 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from fedprompt.federation.site_scores import detail_problem, varies_by_site
 
 Rejection = Callable[[int, str, str], None]
 """Called as ``(node_id, message_type, reason)`` for each rejected reply."""
@@ -64,6 +66,22 @@ def metrics_problem(reply: Message, weighted_by_key: str, allow_zero: bool = Fal
     return None
 
 
+def _metrics(reply: Message) -> MetricRecord:
+    return next(iter(reply.content.metric_records.values()))
+
+
+def _averageable(reply: Message) -> Message:
+    """The reply as Flower's averaging gets it: without the keys that vary by site.
+
+    A site's per-class values depend on which classes its test set holds, and Flower averages
+    only replies with equal key sets; the sites' own values stay in the round's line. The reply
+    itself is left as it came.
+    """
+    name, record = next(iter(reply.content.metric_records.items()))
+    kept = MetricRecord({key: value for key, value in record.items() if not varies_by_site(key)})
+    return Message(metadata=reply.metadata, content=RecordDict({name: kept}))
+
+
 def _without_test_images(reply: Message) -> bool:
     """Whether an evaluation reply says its site holds no test images (``num-examples`` 0)."""
     records = reply.content.metric_records
@@ -93,6 +111,11 @@ class UpdateValidation(Strategy):
         held_out: The sites held out of training (``evaluation.holdout_sites``): their train
             replies say so and carry nothing else; they are left out, and the same claim from
             any other site is rejected.
+        share_histograms: The run asks the sites for their per-bin counts
+            (``evaluation.share_site_histograms``); otherwise an evaluation carrying them is
+            rejected, so they are never recorded.
+        num_classes: The size of a site's class list, by its name; a per-class metric naming a
+            class beyond it is rejected (None: not checked).
     """
 
     def __init__(
@@ -107,8 +130,12 @@ class UpdateValidation(Strategy):
         on_aggregate: Aggregation | None = None,
         secure_sum: bool = False,
         held_out: Collection[str] = (),
+        share_histograms: bool = False,
+        num_classes: Callable[[str], int] | None = None,
     ) -> None:
         self.strategy = strategy
+        self.share_histograms = share_histograms
+        self.num_classes = num_classes
         self.held_out = frozenset(held_out)
         self.on_withhold = on_withhold
         self.on_aggregate = on_aggregate
@@ -194,7 +221,8 @@ class UpdateValidation(Strategy):
         A site without test images (``num-examples`` 0) is neither rejected nor averaged: its
         weight would be 0 (and the only one, a division by zero), its scores absent. Nor is a
         held-out site averaged: its scores are the unseen-site accuracy, recorded on their own
-        (and it has no personalized prompt to score).
+        (and it has no personalized prompt to score). Per-class values and bin counts are
+        checked (``site_scores.detail_problem``) and left out of the averaging.
         """
         replies = list(replies)
         failed = [reply for reply in replies if reply.has_error()]
@@ -204,6 +232,13 @@ class UpdateValidation(Strategy):
                 continue
             untested = _without_test_images(reply)
             reason = metrics_problem(reply, self.weighted_by_key, allow_zero=untested)
+            if not reason:
+                classes = self.num_classes
+                reason = detail_problem(
+                    _metrics(reply),
+                    self.share_histograms,
+                    classes(self.site_name(reply.metadata.src_node_id)) if classes else None,
+                )
             if not reason and reply.content.array_records:
                 reason = "an evaluation reply carries tensors; it must carry metrics only"
             if reason:
@@ -220,7 +255,7 @@ class UpdateValidation(Strategy):
                 continue  # an unseen site's scores are its own line item, not the sites' mean
             else:
                 passed.append(reply)
-        kept = self._consistent_metrics(server_round, passed)
+        kept = [_averageable(reply) for reply in self._consistent_metrics(server_round, passed)]
         return self.strategy.aggregate_evaluate(server_round, self._in_site_order(kept) + failed)
 
     def _tensors(self, reply: Message) -> tuple[dict[str, np.ndarray], str | None]:
@@ -252,9 +287,12 @@ class UpdateValidation(Strategy):
         return arrays, None
 
     def _consistent_metrics(self, server_round: int, replies: list[Message]) -> list[Message]:
-        """Keep the replies whose metric names are the most common set, as Flower requires."""
+        """Keep the replies whose metric names are the most common set, as Flower requires.
+
+        Names that vary with a site's test set (``site_scores.varies_by_site``) are not compared.
+        """
         names = {
-            id(reply): frozenset(next(iter(reply.content.metric_records.values())))
+            id(reply): frozenset(key for key in _metrics(reply) if not varies_by_site(key))
             for reply in replies
         }
         if len(set(names.values())) <= 1:
