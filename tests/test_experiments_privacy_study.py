@@ -17,8 +17,9 @@ SWEEP = ["privacy.epsilon=inf,8,1", "seed=1,2", "partition=iid,dirichlet", "meth
 class FakeRuns:
     """Writes summary.json and metrics.jsonl as a finished (private) run would."""
 
-    def __init__(self, failing=(), ignore_privacy=False):
+    def __init__(self, failing=(), ignore_privacy=False, clinical=False):
         self.failing, self.ignore_privacy = set(failing), ignore_privacy
+        self.clinical = clinical
 
     def __call__(self, experiment, overrides, folder):
         seed = int(value_of(overrides, "seed") or 0)  # the quickstart's own seed and partition
@@ -59,6 +60,10 @@ class FakeRuns:
             {"round": r, "central": {"accuracy": accuracy * r / 2}, "federated_accuracy": 0.5}
             for r in (1, 2)
         ]
+        if self.clinical:  # noise costs calibration: ECE 5% without DP, 15% at epsilon 8
+            summary["final"]["ece"] = 0.05 + (0.10 if private else 0.0)
+            sensitivity = {"glioma": accuracy - 0.1, "normal": accuracy + 0.1, "other": None}
+            summary["final"]["per_class"] = {"sensitivity": sensitivity}
         (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in rounds))
         (folder / "summary.json").write_text(json.dumps(summary))
 
@@ -187,6 +192,30 @@ def test_personalization_is_an_ordinary_override_reported_beside_the_accuracy(tm
     plain = tmp_path / "plain"
     run_privacy_study("quickstart", ["privacy.epsilon=inf"], plain, runner=FakeRuns())
     assert "personalized" not in (plain / "privacy.csv").read_text()
+
+
+def test_mean_sensitivity_and_ece_beside_the_accuracy_and_ece_against_epsilon(tmp_path):
+    sweep = ["privacy.epsilon=inf,8"]
+    _, written = run_privacy_study("quickstart", sweep, tmp_path, runner=FakeRuns(clinical=True))
+    with (tmp_path / "privacy.csv").open() as handle:
+        header = next(csv.reader(handle))
+    after = header.index("accuracy_pct")
+    assert header[after + 1 : after + 3] == ["mean_sensitivity_pct", "ece_pct"]
+    rows = {r["epsilon_target"]: r for r in _read_csv(tmp_path / "privacy.csv")}
+    # Seed 0 at epsilon 8: 53% accuracy; sensitivities 43% and 63% (the third class absent).
+    assert (rows["8"]["mean_sensitivity_pct"], rows["8"]["ece_pct"]) == ("53.00", "15.00")
+    assert rows["inf"]["ece_pct"] == "5.00"
+    table = (tmp_path / "privacy.md").read_text()
+    assert "| accuracy (%) | mean sensitivity (%) | ECE (%) | MIA AUC |" in table
+    assert "| coop | iid | 8 | 8.00 | 53.0 | 53.0 | 15.0 | 0.500 | 1 |" in table
+    ece_plot = tmp_path / "plots" / "ece_vs_epsilon.png"
+    assert ece_plot in written and ece_plot.read_bytes()[:8] == PNG_MAGIC
+    # Runs that report no calibration leave the columns and the plot out.
+    plain = tmp_path / "plain"
+    _, written = run_privacy_study("quickstart", sweep, plain, runner=FakeRuns())
+    with (plain / "privacy.csv").open() as handle:
+        assert "ece_pct" not in next(csv.reader(handle))
+    assert not (plain / "plots" / "ece_vs_epsilon.png").exists()
 
 
 def test_a_scheme_dp_cannot_carry_stops_the_study_before_its_folder_exists(tmp_path):

@@ -49,9 +49,9 @@ BASE |= {("biomedcoop", "central"): 0.70, ("biomedcoop", "federated"): 0.55}
 class FakeRuns:
     """Writes the summary.json a finished run of the point's settings would write."""
 
-    def __init__(self, failing=(), wrong_protocol=(), ignore_scheme=False):
+    def __init__(self, failing=(), wrong_protocol=(), ignore_scheme=False, clinical=False):
         self.failing, self.wrong_protocol = set(failing), set(wrong_protocol)
-        self.ignore_scheme = ignore_scheme
+        self.ignore_scheme, self.clinical = ignore_scheme, clinical
 
     def __call__(self, experiment, overrides, folder):
         method, seed = value_of(overrides, "method"), int(value_of(overrides, "seed"))
@@ -84,6 +84,9 @@ class FakeRuns:
             "unseen_site_accuracy": accuracy - 0.10 if holdout else None,
             "per_site": sites,
         }
+        if self.clinical:  # sensitivities 5 points over the accuracy on average; ECE 10%, 11%
+            sensitivity = {"glioma": accuracy, "meningioma": accuracy + 0.1, "normal": None}
+            final |= {"ece": 0.10 + 0.01 * (seed - 1), "per_class": {"sensitivity": sensitivity}}
         if protocol == BASE_TO_NOVEL:
             hm = 2 * base * novel / (base + novel)
             final |= {"base_accuracy": base, "novel_accuracy": novel, "harmonic_mean": hm}
@@ -235,6 +238,29 @@ def test_table_files_hold_mean_and_std_over_seeds(tmp_path, capsys):
     assert "3 sites (iid partition" in table  # the quickstart's federation
 
 
+def test_mean_sensitivity_and_ece_stand_beside_accuracy_where_runs_report_them(tmp_path, capsys):
+    _, md_path, csv_path, _ = run_table(
+        "quickstart", GRID, [], tmp_path, runner=FakeRuns(clinical=True)
+    )
+    rows = {(r["method"], r["protocol"], r["metric"]): r for r in _read_csv(csv_path)}
+    assert len(rows) == 2 * (3 + 6)
+    sensitivity = rows[("coop", "few_shot", "mean_sensitivity")]
+    # coop central: accuracy 50% and 52%, sensitivities average 5 points over it (55%, 57%).
+    assert (sensitivity["central_mean_pct"], sensitivity["central_std_pct"]) == ("56.00", "1.41")
+    assert sensitivity["federated_mean_pct"] == "46.00"
+    ece = rows[("coop", "few_shot", "ece")]
+    assert (ece["central_mean_pct"], ece["federated_mean_pct"]) == ("10.50", "10.50")
+    assert rows[("coop", "base_to_novel", "ece")]["central_n"] == "2"
+    table = md_path.read_text()
+    assert (
+        "| method | 1-shot central | 1-shot federated | 1-shot mean sensitivity central | "
+        "1-shot mean sensitivity federated | 1-shot ECE central | 1-shot ECE federated |"
+    ) in table
+    assert "| coop | 51.0 ± 1.4 | 41.0 ± 1.4 | 56.0 ± 1.4 | 46.0 ± 1.4 | 10.5 ± 0.7 |" in table
+    assert "| HM per seed federated | mean sensitivity (base) central |" in table
+    assert "'ECE' the expected calibration error over 15 equal-width confidence bins" in table
+
+
 def test_a_run_that_ignored_its_protocol_is_not_counted(tmp_path, capsys):
     runs = FakeRuns(wrong_protocol={("coop", "central", 1)})
     outcomes, md_path, _, _ = run_table("quickstart", GRID, [], tmp_path, runner=runs)
@@ -299,10 +325,14 @@ def test_table_end_to_end_on_the_quickstart(tmp_path, capsys):
     rows = {row["metric"]: row for row in _read_csv(out / "table.csv")}
     assert list(rows) == [
         "accuracy",
+        "mean_sensitivity",
+        "ece",
         "federated_accuracy",
         "personalized_accuracy",
         "unseen_site_accuracy",
     ]
+    assert rows["ece"]["central_n"] == "1" and rows["ece"]["federated_n"] == "1"
+    assert (folder / "reliability_diagram.png").is_file()  # each run draws its own
     assert rows["accuracy"]["central_n"] == "1" and rows["accuracy"]["federated_n"] == "1"
     for row in rows.values():
         assert 0 <= float(row["federated_mean_pct"]) <= 100

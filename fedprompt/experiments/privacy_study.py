@@ -1,4 +1,4 @@
-"""``fedprompt study privacy``: accuracy and membership inference against the privacy budget.
+"""``fedprompt study privacy``: accuracy, calibration and membership inference against the budget.
 
 A Hydra multirun underneath: the overrides are Hydra's sweep grammar (``privacy.epsilon=inf,8,4
 seed=1,2 partition=iid,dirichlet``), expanded into their cartesian product as Hydra's
@@ -6,7 +6,9 @@ BasicSweeper does. ``privacy.epsilon=inf`` is a run without DP (``privacy=none``
 sample-level DP-SGD at each site with that budget for the whole run (``privacy=dpsgd``). Every run
 also measures the loss-threshold membership-inference AUC at each site. ``personalization=`` is an
 ordinary override (one scheme, or a sweep such as ``personalization=none,finetune``); where runs
-report personalized accuracy, the CSV and the table give it beside the accuracy.
+report personalized accuracy, the CSV and the table give it beside the accuracy; where runs report
+them, so are the mean per-class sensitivity and the expected calibration error (noise can leave a
+prompt as accurate but over- or under-confident), and ECE is plotted against epsilon.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedprompt.config import check_group_choices, compose_config
+from fedprompt.evaluation.metrics import mean_sensitivity
 from fedprompt.evaluation.plots import (
     StudyPoint,
     accuracy_per_round,
@@ -216,6 +219,19 @@ class PointRow:
         return None if value is None else float(value)
 
     @property
+    def mean_sensitivity(self) -> float | None:
+        """The mean over classes of the final central sensitivity; None where not reported."""
+        summary = self.outcome.summary
+        return None if summary is None else mean_sensitivity(summary["final"].get("per_class"))
+
+    @property
+    def ece(self) -> float | None:
+        """The final expected calibration error, a fraction; None where not reported."""
+        summary = self.outcome.summary
+        value = None if summary is None else summary["final"].get("ece")
+        return None if value is None else float(value)
+
+    @property
     def mia_auc(self) -> float | None:
         """Mean over sites of the membership-inference AUC, where measured."""
         summary = self.outcome.summary
@@ -238,6 +254,11 @@ def _personalized(rows: Sequence[PointRow]) -> bool:
     return any(row.personalized_accuracy is not None for row in rows)
 
 
+def _clinical(rows: Sequence[PointRow]) -> bool:
+    """Some run reported calibration, so the CSV and the table get mean sensitivity and ECE."""
+    return any(row.ece is not None for row in rows)
+
+
 def _percent(value: float | None) -> str:
     return _number(None if value is None else 100 * value, 2)
 
@@ -246,12 +267,14 @@ def write_csv(rows: Sequence[PointRow], path: Path) -> Path:
     """One line per point; accuracy in percent, epsilon reached the largest over sites.
 
     ``personalized_accuracy_pct`` follows ``accuracy_pct`` where some run reported it (empty for
-    the runs without a scheme).
+    the runs without a scheme), then ``mean_sensitivity_pct`` and ``ece_pct`` where some run
+    reported calibration.
     """
     extras = list(dict.fromkeys(key for row in rows for key in row.labels["extras"]))
-    personalized = _personalized(rows)
+    personalized, clinical = _personalized(rows), _clinical(rows)
     after = CSV_COLUMNS.index("accuracy_pct") + 1
     own_column = ["personalized_accuracy_pct"] if personalized else []
+    own_column += ["mean_sensitivity_pct", "ece_pct"] if clinical else []
     columns = [*CSV_COLUMNS[:after], *own_column, *CSV_COLUMNS[after:]]
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -269,6 +292,7 @@ def write_csv(rows: Sequence[PointRow], path: Path) -> Path:
                     _number(row.epsilon_reached, 4),
                     _percent(row.accuracy),
                     *([_percent(row.personalized_accuracy)] if personalized else []),
+                    *([_percent(row.mean_sensitivity), _percent(row.ece)] if clinical else []),
                     _number(row.mia_auc, 4),
                     summary.get("dataset", ""),
                     "ok" if outcome.ok else f"failed: {outcome.error}",
@@ -304,7 +328,7 @@ def markdown(rows: Sequence[PointRow], about: str) -> str:
     order = [list(dict.fromkeys(key[i] for key in groups)) for i in range(4)]
     ranked = sorted(groups, key=lambda key: tuple(order[i].index(key[i]) for i in range(4)))
     extras = list(dict.fromkeys(key for row in rows for key in row.labels["extras"]))
-    personalized = _personalized(rows)
+    personalized, clinical = _personalized(rows), _clinical(rows)
     heads = [
         "method",
         "partition",
@@ -313,6 +337,7 @@ def markdown(rows: Sequence[PointRow], about: str) -> str:
         "epsilon reached (max)",
         "accuracy (%)",
         *(["personalized accuracy (%)"] if personalized else []),
+        *(["mean sensitivity (%)", "ECE (%)"] if clinical else []),
         "MIA AUC",
         "seeds",
     ]
@@ -330,6 +355,13 @@ def markdown(rows: Sequence[PointRow], about: str) -> str:
             "their number ('-' for a run without a personalization scheme)."
             if personalized
             else ""
+        )
+        + (
+            " Mean sensitivity: each class's sensitivity (recall) on the test split, averaged "
+            "over classes. ECE: expected calibration error over 15 equal-width confidence bins "
+            "(0 when the model is right as often as it is confident)."
+            if clinical
+            else ""
         ),
         "",
         "| " + " | ".join(heads) + " |",
@@ -345,6 +377,10 @@ def markdown(rows: Sequence[PointRow], about: str) -> str:
         attack = _mean_std_text([r.mia_auc for r in finished if r.mia_auc is not None], 1, 3)
         own = [r.personalized_accuracy for r in finished if r.personalized_accuracy is not None]
         own_text = _mean_std_text(own, 100, 1) if own else "-"
+        calibration = [
+            _mean_std_text([v for r in finished if (v := getattr(r, key)) is not None], 100, 1)
+            for key in ("mean_sensitivity", "ece")
+        ]
         cells = [
             method,
             partition,
@@ -353,6 +389,7 @@ def markdown(rows: Sequence[PointRow], about: str) -> str:
             f"{max(reached):.2f}" if reached else "-",
             "failed" if not finished else accuracy,
             *(["failed" if not finished else own_text] if personalized else []),
+            *((["failed"] * 2 if not finished else calibration) if clinical else []),
             "failed" if not finished else attack,
             seeds,
         ]
@@ -370,7 +407,7 @@ def _line_label(row: PointRow, partitions: int) -> str:
 
 
 def write_plots(rows: Sequence[PointRow], plots: Path) -> list[Path]:
-    """Accuracy and attack AUC against epsilon, and accuracy per round per setting.
+    """Accuracy, attack AUC and ECE against epsilon, and accuracy per round per setting.
 
     Points are placed at their target epsilon, so seeds of one budget share an error bar; the
     epsilon each run reached is in the CSV and the table.
@@ -386,6 +423,7 @@ def write_plots(rows: Sequence[PointRow], plots: Path) -> list[Path]:
             seed=int(row.labels["seed"]),
             accuracy=float(row.accuracy or 0.0),
             mia_auc=row.mia_auc,
+            ece=row.ece,
         )
         for row in finished
     ]
@@ -394,6 +432,9 @@ def write_plots(rows: Sequence[PointRow], plots: Path) -> list[Path]:
     if any(point.mia_auc is not None for point in study_points):
         written.append(plots / "mia_auc_vs_epsilon.png")
         metric_vs_epsilon(study_points, written[-1], metric="mia_auc", title="Membership inference")
+    if any(point.ece is not None for point in study_points):
+        written.append(plots / "ece_vs_epsilon.png")
+        metric_vs_epsilon(study_points, written[-1], metric="ece", title="Calibration")
     by_setting: dict[str, dict[str, list[list[tuple[int, float]]]]] = {}
     for row in finished:
         budget = "no DP" if row.labels["epsilon"] == "inf" else f"epsilon={row.labels['epsilon']}"

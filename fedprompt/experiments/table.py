@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedprompt.config import CONFIG_DIR, compose_config, list_choices
 from fedprompt.data.acquisition import ACQUISITIONS
+from fedprompt.evaluation.metrics import mean_sensitivity
 from fedprompt.evaluation.plots import per_site_accuracy
 from fedprompt.experiments.grid import (
     GridError,
@@ -89,6 +90,15 @@ SITE_METRICS: tuple[tuple[str, str], ...] = (
     ("unseen_site_accuracy", "unseen sites"),
 )
 SITE_KEYS = frozenset(key for key, _ in SITE_METRICS)
+# What a clinician asks beside accuracy (summary.json's final.per_class and final.ece): the mean
+# over classes of each class's sensitivity, and the expected calibration error; centralized and
+# federated columns, where some run reported them (under base-to-novel, on the base classes).
+MEAN_SENSITIVITY = "mean_sensitivity"
+CLINICAL_METRICS: tuple[tuple[str, str], ...] = (
+    (MEAN_SENSITIVITY, "mean sensitivity"),
+    ("ece", "ECE"),
+)
+CLINICAL_KEYS = frozenset(key for key, _ in CLINICAL_METRICS)
 PER_SITE_PLOT = "per_site_accuracy.png"
 HM_OF_MEANS = "harmonic_mean"
 HM_PER_SEED = "harmonic_mean_per_seed"
@@ -648,12 +658,25 @@ class TableRow:
         return self.method, self.partition, self.personalization
 
 
+def final_value(final: Mapping[str, Any], metric: str) -> float | None:
+    """A table metric (a fraction) from a run's ``final``, None where the run did not report it.
+
+    ``mean_sensitivity`` is the mean of the per-class sensitivities the run could compute (the
+    classes its test split holds), from ``final.per_class``.
+    """
+    if metric == MEAN_SENSITIVITY:
+        return mean_sensitivity(final.get("per_class"))
+    value = final.get(metric)
+    return None if value is None else float(value)
+
+
 def _cell(metric: str, runs: Sequence[Outcome]) -> Cell:
     """A row's cell from the runs of one setting; HM of means from their base and novel."""
     finished = [run.summary["final"] for run in runs if run.summary is not None]
     failed = len(runs) - len(finished)
     source = HM_OF_MEANS if metric == HM_PER_SEED else metric
-    values = tuple(100.0 * float(f[source]) for f in finished if f.get(source) is not None)
+    reported = [final_value(f, source) for f in finished]
+    values = tuple(100.0 * value for value in reported if value is not None)
     if metric != HM_OF_MEANS:
         return Cell(values, failed, absent=len(finished) - len(values))
     base = tuple(100.0 * float(final["base_accuracy"]) for final in finished)
@@ -684,6 +707,7 @@ def table_rows(
         )
         by_cell.setdefault(key, []).append(outcome)
     site_metrics = _site_metrics(outcomes)
+    clinical = _clinical_metrics(outcomes)
     rows = []
     crossed = itertools.product(
         grid.datasets,
@@ -698,7 +722,7 @@ def table_rows(
             "central": by_cell.get((*cell, "central", None, None), []),
             "federated": by_cell.get((*cell, "federated", partition, scheme), []),
         }
-        for metric, label in TABLE_METRICS[protocol.name]:
+        for metric, label in (*TABLE_METRICS[protocol.name], *clinical):
             cells = {setting: _cell(metric, runs[setting]) for setting in SETTINGS}
             paper = (published or {}).get((*cell, metric))
             rows.append(
@@ -738,6 +762,16 @@ def _site_metrics(outcomes: Sequence[Outcome]) -> list[tuple[str, str]]:
         if any(final.get(key) is not None for final in finals)
     ]
     return [SITE_METRICS[0], *reported] if reported else []
+
+
+def _clinical_metrics(outcomes: Sequence[Outcome]) -> tuple[tuple[str, str], ...]:
+    """Mean sensitivity and ECE where some run reported them (runs made before did not)."""
+    finals = [(o.summary or {}).get("final") or {} for o in outcomes if o.summary is not None]
+    return tuple(
+        (key, label)
+        for key, label in CLINICAL_METRICS
+        if any(final_value(final, key) is not None for final in finals)
+    )
 
 
 def _average_rows(
@@ -848,7 +882,10 @@ def _markdown_block(rows: Sequence[TableRow]) -> list[str]:
         if metric in SITE_KEYS:
             heads.append(f"{protocol.label} {label}")
             continue
-        words = protocol.label if protocol.name == FEW_SHOT else label
+        if protocol.name == FEW_SHOT:
+            words = protocol.label if metric == "accuracy" else f"{protocol.label} {label}"
+        else:
+            words = f"{label} (base)" if metric in CLINICAL_KEYS else label
         extra = ("paper", "diff") if (protocol, metric) in reported else ()
         heads += [f"{words} {where}" for where in ("central", *extra, "federated")]
     lines = ["| method | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
@@ -905,6 +942,15 @@ def markdown(
         "held-out classes; HM is the harmonic mean of the mean base and mean novel accuracy, as "
         "the papers compute it, and 'HM per seed' the mean ± std of each run's own HM.",
     ]
+    if any(row.metric in CLINICAL_KEYS for row in rows):
+        lines += [
+            "",
+            "Beside accuracy, on the same test split: 'mean sensitivity' is the mean over "
+            "classes of each class's sensitivity (recall; classes absent from the split left "
+            "out), 'ECE' the expected calibration error over 15 equal-width confidence bins "
+            "(lower is better: 0 when the model is right as often as it is confident); "
+            "base-to-novel: on the base classes.",
+        ]
     if any(row.metric in SITE_KEYS for row in rows):
         lines += [
             "",
