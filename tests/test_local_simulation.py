@@ -74,6 +74,28 @@ def test_the_private_superlink_gets_rays_loopback_setting(monkeypatch, tmp_path)
     assert done.stdout.strip() == "127.0.0.1", done.stderr[-2000:]
 
 
+def test_a_port_taken_before_the_superlink_binds_it_is_replaced(monkeypatch, tmp_path):
+    # Another process takes the first port found free (the race a pick-close-rebind leaves).
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    free = local_simulation._free_port
+    monkeypatch.setattr(local_simulation, "_free_port", lambda: next(ports, None) or free())
+    with taken, local_simulation.private_superlink(tmp_path) as env:
+        config = (Path(env["FLWR_HOME"]) / "config.toml").read_text()
+        port = int(config.split("127.0.0.1:")[1].split('"')[0])
+        assert port != taken.getsockname()[1]
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("flwr")), "ls"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr  # the SuperLink answers there
+
+
 def _descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -21,11 +21,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import tomli_w
 from omegaconf import DictConfig
 
 from fedprompt.federation.grid_session import GridPlan
+from fedprompt.federation.process_guard import descendants
 from fedprompt.federation.run_config import (
     PLAN_KEY,
     default_run_config,
@@ -106,15 +108,51 @@ def write_app(directory: Path, experiment: str) -> Path:
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until ``process`` listens on ``port``.
+
+    Raises:
+        PortTaken: The process ended at start (it could not bind the port), or the port answers
+            but the process is gone a moment later (another process held it).
+        TimeoutError: Nothing listened within ``timeout``.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {process.returncode} at start.")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
+            raise PortTaken(f"flower-superlink exited with code {process.returncode} at start.")
+        if _listens(process.pid, port):
+            return
         time.sleep(0.2)
     raise TimeoutError(f"flower-superlink did not open port {port} within {timeout:.0f} s.")
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes of the loopback or wildcard TCP listeners on ``port`` (from ``/proc``)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether ``pid`` or a process it started listens on ``port``, not some other process.
+
+    Where ``/proc`` is missing, whether anything answers on the port.
+    """
+    if not Path("/proc/net/tcp").exists():
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+    wanted = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    for member in {pid} | descendants(pid):
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{member}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in wanted:
+                        return True
+    return False
 
 
 def _descendant_groups(pid: int) -> set[int]:
@@ -183,14 +221,8 @@ def private_superlink(workdir: Path, ray_address: str | None = None) -> Iterator
     own Ray (``ray.init`` reads ``RAY_ADDRESS``): its actors, and so the sites, spread over the
     cluster's nodes. The cluster is the operator's; its nodes listen as they were started.
     """
-    port = _free_port()
     home = workdir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
-    connection = {"address": f"127.0.0.1:{port}", "insecure": True}
-    (home / "config.toml").write_text(
-        tomli_w.dumps({"superlink": {"default": "fedprompt", "fedprompt": connection}}),
-        encoding="utf-8",
-    )
     bin_dir = str(Path(sys.executable).parent)
     path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
     warnings = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), RAY_NOTICE_FILTER]))
@@ -203,6 +235,38 @@ def private_superlink(workdir: Path, ray_address: str | None = None) -> Iterator
         "PYTHONWARNINGS": warnings,
     }
     with (workdir / "superlink.log").open("w") as log_file:
+        superlink, port = _start_superlink(env, log_file)
+        connection = {"address": f"127.0.0.1:{port}", "insecure": True}
+        (home / "config.toml").write_text(
+            tomli_w.dumps({"superlink": {"default": "fedprompt", "fedprompt": connection}}),
+            encoding="utf-8",
+        )
+        try:
+            yield env
+        finally:
+            _stop(superlink)
+            if superlink.stdin:
+                superlink.stdin.close()
+
+
+SUPERLINK_START_TRIES = 5
+
+
+class PortTaken(RuntimeError):
+    """The SuperLink could not have the port it was given: another process took it first."""
+
+
+def _start_superlink(env: dict[str, str], log_file: IO[str]) -> tuple[subprocess.Popen, int]:
+    """A SuperLink on a free loopback port, and that port.
+
+    A port found free can be taken by another process before the SuperLink binds it; the
+    SuperLink then exits at start, and it is started again on another port.
+
+    Raises:
+        RuntimeError: It did not start within ``SUPERLINK_START_TRIES`` ports.
+    """
+    for _ in range(SUPERLINK_START_TRIES):
+        port = _free_port()
         # The guard's stdin is the lifeline: only this process holds the pipe's write end.
         superlink = subprocess.Popen(
             [
@@ -228,11 +292,15 @@ def private_superlink(workdir: Path, ray_address: str | None = None) -> Iterator
         )
         try:
             _wait_for_port(port, superlink)
-            yield env
-        finally:
+            return superlink, port
+        except PortTaken:
             _stop(superlink)
             if superlink.stdin:
                 superlink.stdin.close()
+    raise RuntimeError(
+        f"flower-superlink did not start on any of {SUPERLINK_START_TRIES} free ports; see "
+        f"{log_file.name}."
+    )
 
 
 def ray_address_of(cfg: DictConfig) -> str | None:
