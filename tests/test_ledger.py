@@ -4,12 +4,15 @@ import json
 import math
 
 import pytest
+import torch
+from opacus.optimizers import DPOptimizer
 
 from fedprompt.privacy import (
     SiteLedger,
     default_delta,
     epsilon_for,
     load_or_plan_ledger,
+    planned_budget,
     planned_steps,
     sample_rate,
     steps_per_epoch,
@@ -146,19 +149,38 @@ def test_load_or_plan_keeps_the_saved_ledger_with_more_steps(tmp_path):
         load_or_plan_ledger({**privacy, "epsilon": 4.0}, train, 5, 1000, path=path)
 
 
-def test_optimizer_hook_refuses_other_noise():
+def _dp_optimizer(noise_multiplier):
+    """Opacus' own DPOptimizer over one weight, with a batch of four per-sample gradients."""
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = DPOptimizer(
+        torch.optim.SGD([weight], lr=0.1),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=1.0,
+        expected_batch_size=4,
+        generator=torch.Generator().manual_seed(0),
+    )
+    weight.grad_sample = torch.ones(4, 3)
+    return optimizer
+
+
+def test_optimizer_hook_records_each_step_of_a_dp_optimizer():
     ledger = _ledger()
-    hook = ledger.optimizer_hook()
+    optimizer = _dp_optimizer(1.1)
+    optimizer.attach_step_hook(ledger.optimizer_hook())
+    optimizer.step()
+    optimizer.zero_grad()
+    optimizer.param_groups[0]["params"][0].grad_sample = torch.ones(4, 3)
+    optimizer.step()
+    assert ledger.history == [(1.1, 0.032, 2)]
 
-    class FakeOptimizer:
-        noise_multiplier = 0.5
-        accumulated_iterations = 1
 
-    with pytest.raises(ValueError, match="ledger planned"):
-        hook(FakeOptimizer())
-    FakeOptimizer.noise_multiplier = 1.1
-    hook(FakeOptimizer())
-    assert ledger.steps == 1
+def test_optimizer_hook_refuses_a_dp_optimizer_with_other_noise():
+    ledger = _ledger()
+    optimizer = _dp_optimizer(0.5)
+    optimizer.attach_step_hook(ledger.optimizer_hook())
+    with pytest.raises(ValueError, match=r"adds noise 0\.5, the ledger planned 1\.1"):
+        optimizer.step()
+    assert ledger.steps == 0
 
 
 def test_invalid_budgets_are_refused():
@@ -168,6 +190,69 @@ def test_invalid_budgets_are_refused():
         _ledger(epsilon=0.0)
     with pytest.raises(ValueError, match="delta"):
         _ledger(delta=1.0)
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.1, 1.5])
+def test_a_sample_rate_outside_zero_one_is_refused(rate):
+    with pytest.raises(ValueError, match=r"sample rate must be in \(0, 1\]"):
+        _ledger(rate=rate)
+
+
+def test_a_sample_rate_of_one_is_a_full_batch_and_accepted():
+    assert _ledger(rate=1.0).sample_rate == 1.0
+
+
+def test_spending_a_negative_number_of_steps_is_refused():
+    ledger = _ledger()
+    ledger.spend(5)
+    with pytest.raises(ValueError, match="negative number of steps"):
+        ledger.spend(-3)
+    assert ledger.steps == 5
+
+
+def test_load_or_plan_prefers_the_file_when_it_holds_more_steps(tmp_path):
+    privacy = {"epsilon": 10.0, "delta": 1e-5, "accountant": "rdp", "noise_multiplier": 1.1}
+    train = {"batch_size": 32, "local_epochs": 1}
+    fresh = load_or_plan_ledger(privacy, train, rounds=5, num_records=1000)
+    in_state = SiteLedger.from_dict(fresh.to_dict())
+    in_state.spend(31)  # the node's state lost a round the file recorded
+    on_disk = SiteLedger.from_dict(fresh.to_dict())
+    on_disk.spend(93)
+    path = tmp_path / "ledger.json"
+    on_disk.save(path)
+    restored = load_or_plan_ledger(
+        privacy, train, rounds=5, num_records=1000, state=in_state.to_dict(), path=path
+    )
+    assert restored.steps == 93
+
+
+BUDGET_CHANGES = {
+    "num_records": 999,
+    "sample_rate": 0.064,
+    "delta": 1e-6,
+    "accountant": "prv",
+}
+
+
+@pytest.mark.parametrize("changed", list(BUDGET_CHANGES))
+def test_a_resumed_budget_that_changed_anything_but_epsilon_is_refused(changed):
+    saved = _ledger()
+    saved.spend(31)
+    keys = ("target_epsilon", "delta", "accountant", "sample_rate", "num_records")
+    budget = {key: saved.to_dict()[key] for key in keys}
+    saved.check_same_budget(budget)
+    budget[changed] = BUDGET_CHANGES[changed]
+    with pytest.raises(ValueError, match=f"budget changed during the run \\({changed} [^,]*\\);"):
+        saved.check_same_budget(budget)
+
+
+def test_the_budget_a_config_plans_matches_its_ledger():
+    privacy = {"epsilon": 10.0, "delta": 1e-5, "accountant": "rdp", "noise_multiplier": 1.1}
+    train = {"batch_size": 32, "local_epochs": 1}
+    ledger = load_or_plan_ledger(privacy, train, rounds=5, num_records=1000)
+    ledger.check_same_budget(planned_budget(privacy, train, 1000))
+    with pytest.raises(ValueError, match=r"\(sample_rate 0\.032 -> 0\.064\)"):
+        ledger.check_same_budget(planned_budget(privacy, {"batch_size": 64}, 1000))
 
 
 @pytest.mark.parametrize(
