@@ -2,6 +2,7 @@ import copy
 import dataclasses
 import logging
 import os
+import re
 import threading
 
 import numpy as np
@@ -414,3 +415,49 @@ def test_a_feature_computed_under_one_acquisition_profile_is_never_served_for_an
     assert torch.equal(again.get(miniature_backbone, images.with_acquisition(first))[0], site_a)
     assert torch.equal(again.get(miniature_backbone, images)[0], stored)
     assert again.encoded_views == 0
+
+
+BACKBONE_ID, KEY = "b" * 64, "k" * 64
+
+
+def _stored_payload(store, kind="features"):
+    """A sound entry saved through the store, and its payload as read back from disk."""
+    tensors = {"features": torch.arange(12.0).reshape(3, 4), "labels": torch.arange(3)}
+    path = store.save(BACKBONE_ID, KEY, kind, tensors, {"note": "test"})
+    return path, torch.load(path, weights_only=True)
+
+
+def test_a_bit_flip_in_a_memory_mapped_file_is_caught_by_its_checksum(tmp_path, caplog):
+    store = FeatureStore(tmp_path)
+    path, payload = _stored_payload(store, kind="tokens")
+    payload["tensors"]["features"][0, 0] += 1.0
+    torch.save(payload, path)
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        assert store.load(BACKBONE_ID, KEY, "tokens", mmap=True) is None
+    assert "corrupt (checksum of 'features'" in caplog.text and not path.exists()
+
+
+CORRUPT_PAYLOADS = {
+    "another format": (lambda p: p | {"format": 99}, "of another format"),
+    "another kind": (lambda p: p | {"kind": "tokens"}, "stale"),
+    "a missing checksum": (
+        lambda p: p | {"checksums": {"features": p["checksums"]["features"]}},
+        r"incomplete \(tensors and checksums differ\)",
+    ),
+    "a missing tensor": (
+        lambda p: p | {"tensors": {"features": p["tensors"]["features"]}},
+        r"incomplete \(tensors and checksums differ\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(CORRUPT_PAYLOADS))
+def test_a_file_of_another_format_kind_or_checksum_set_is_deleted(tmp_path, caplog, fault):
+    damage, reason = CORRUPT_PAYLOADS[fault]
+    store = FeatureStore(tmp_path)
+    path, payload = _stored_payload(store)
+    torch.save(damage(payload), path)
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        assert store.load(BACKBONE_ID, KEY, "features") is None
+    assert re.search(reason, caplog.text), caplog.text
+    assert not path.exists()
