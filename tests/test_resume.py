@@ -1,15 +1,27 @@
 """Checkpoint and resume: a run stopped after round 2 of 4 and resumed is the uninterrupted run."""
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import FedAvg
 
 from fedprompt.config import ConfigError, compose_config
-from fedprompt.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fedprompt.federation.checkpoint import (
+    CHECKPOINT_NAME,
+    RoundOffset,
+    load_checkpoint,
+    load_strategy_state,
+    restore_random_state,
+    save_checkpoint,
+)
 from fedprompt.federation.inprocess_grid import InProcessGrid
 from fedprompt.federation.orchestration import run_federation
 from fedprompt.federation.run_config import default_run_config
+from fedprompt.results import ResultsFolder
 
 SETTINGS = ["train.local_epochs=1", "strategy=fedadam"]
 
@@ -129,3 +141,37 @@ def test_a_resumed_personalized_run_continues_each_site_from_its_own_part(tmp_pa
     straight = json.loads((tmp_path / "straight/summary.json").read_text())
     assert summary["final"] == straight["final"]
     assert summary["personalization"]["name"] == "fedpgp"
+
+
+def _draws():
+    """What a resumed server draws next: Flower's site sample, and numpy's and torch's values."""
+    return random.sample(range(1000), 5), np.random.rand(3).tolist(), torch.rand(3).tolist()
+
+
+def _checkpoint(folder):
+    arrays = ArrayRecord({"ctx": Array(np.zeros((2, 3), np.float32))})
+    save_checkpoint(ResultsFolder(folder), 2, arrays, FedAvg(), None)
+
+
+def test_the_checkpoints_random_state_repeats_the_draws_that_followed_it(tmp_path):
+    _checkpoint(tmp_path)
+    after_the_checkpoint = _draws()
+    _draws()  # the stopped server went on drawing before it died
+    restore_random_state(load_checkpoint(tmp_path).random_state)
+    assert _draws() == after_the_checkpoint
+
+
+def test_a_checkpoint_of_another_format_is_refused_in_a_sentence(tmp_path):
+    _checkpoint(tmp_path)
+    data = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    ResultsFolder(tmp_path, resume=True).save_torch(CHECKPOINT_NAME, data | {"format": 2})
+    with pytest.raises(ConfigError, match=r"written by another fedprompt version \(format 2\)"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_strategy_state_for_another_strategy_is_refused(tmp_path):
+    fedavg = RoundOffset(FedAvg(), offset=2)
+    state = {"m_t": {"ctx": torch.zeros(2, 3)}}  # FedAdam's first moment
+    with pytest.raises(ConfigError, match="holds m_t for another strategy than FedAvg"):
+        load_strategy_state(fedavg, state)
+    assert not hasattr(fedavg.strategy, "m_t")
