@@ -235,3 +235,26 @@ def test_report_round_trips_through_json(tmp_path):
     assert rebuilt.site_names == plan.site_names
     assert all(np.array_equal(a, b) for a, b in zip(rebuilt.train, plan.train, strict=True))
     assert [p.name for p in path.parent.iterdir()] == ["partitions.json"]
+
+
+def test_a_negative_min_size_is_refused():
+    with pytest.raises(DataError, match="at least -1 images"):
+        dirichlet_partition(LABELS, 3, 0, alpha=1.0, min_size=-1)
+
+
+def test_no_class_with_both_train_and_test_images_leaves_every_test_set_empty():
+    with pytest.warns(UserWarning) as caught:
+        plan = assign_sites([0, 0, 1, 1], [2, 2, 3], 2, "iid", seed=0)
+    assert [len(t) for t in plan.test] == [0, 0]
+    messages = [str(warning.message) for warning in caught]
+    assert messages[0].startswith("Classes [0, 1] have train images but no test images")
+    assert [text.split(" gets")[0] for text in messages[1:]] == ["Site site-0", "Site site-1"]
+    assert sorted(np.concatenate(plan.train).tolist()) == [0, 1, 2, 3]
+
+
+def test_a_failed_partitions_write_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "partitions.json"
+    target.mkdir()  # a folder where the file should go: the final rename fails
+    with pytest.raises(OSError):
+        write_partitions_json(target, {"scheme": "iid"})
+    assert [p.name for p in tmp_path.iterdir()] == ["partitions.json"]
