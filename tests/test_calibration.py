@@ -11,6 +11,8 @@ from fedprompt.privacy.calibration import (
     NOISE_SEARCH_RANGE,
     epsilon_for,
     noise_multiplier_for,
+    planned_steps,
+    sample_rate,
 )
 
 
@@ -47,3 +49,15 @@ def test_an_epsilon_that_is_not_positive_and_finite_is_refused(epsilon):
 def test_a_delta_outside_zero_one_is_refused(delta):
     with pytest.raises(ValueError, match=r"privacy.delta must be in \(0, 1\)"):
         noise_multiplier_for(1.0, delta, 0.1, 10, "rdp")
+
+
+@pytest.mark.parametrize("batch_size", [0, -4])
+def test_a_batch_size_below_one_is_refused(batch_size):
+    with pytest.raises(ValueError, match=f"train.batch_size must be at least 1, got {batch_size}"):
+        sample_rate(batch_size, 100)
+
+
+@pytest.mark.parametrize(("rounds", "local_epochs"), [(0, 1), (-2, 1), (1, 0), (3, -1)])
+def test_fewer_than_one_round_or_local_epoch_is_refused(rounds, local_epochs):
+    with pytest.raises(ValueError, match="rounds and local epochs must be at least 1"):
+        planned_steps(rounds, local_epochs, 0.1)
