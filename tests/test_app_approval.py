@@ -254,7 +254,7 @@ def test_the_clientapp_entry_point_wraps_flowers_install(monkeypatch, keys):
     monkeypatch.setattr(flower_runtime, "install_from_fab", flower_runtime.install_from_fab)
     monkeypatch.setattr("flwr.supernode.cli.flwr_clientapp", fake_flwr_clientapp)
     monkeypatch.setattr(app_approval.sys, "argv", ["python"])
-    main(["clientapp", "--trusted-apps", str(keys[2]), "--token", "t", "--insecure"])
+    assert main(["clientapp", "--trusted-apps", str(keys[2]), "--token", "t", "--insecure"]) == 0
     assert seen["argv"] == ["flwr-clientapp", "--token", "t", "--insecure"]
     with pytest.raises(AppNotApproved, match="not a Flower app bundle"):
         seen["install"](b"junk")

@@ -1,3 +1,4 @@
+import json
 import time
 
 import pytest
@@ -41,8 +42,9 @@ def test_bad_override_is_one_sentence(capsys):
 
 
 def test_unknown_experiment_is_refused_by_the_parser(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         main(["simulate", "no-such-experiment"])
+    assert exit_.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
 
 
@@ -103,7 +105,7 @@ def test_simulate_resume_with_other_settings_stops_before_flower_starts(tmp_path
     assert "must keep the settings it started with (train.lr was 0.1, now 0.5)" in err
 
 
-def test_simulate_resume_writes_on_into_the_resumed_folder(tmp_path, monkeypatch):
+def test_simulate_resume_writes_on_into_the_resumed_folder(tmp_path, monkeypatch, capsys):
     from fedprompt.federation import local_simulation
 
     _stopped_run(tmp_path / "run")
@@ -111,11 +113,20 @@ def test_simulate_resume_writes_on_into_the_resumed_folder(tmp_path, monkeypatch
 
     def fake_simulate(experiment, overrides, cfg, **output):
         seen.update(overrides=overrides, cfg=cfg, output=output)
-        return 1
+        summary = {
+            "status": "completed",
+            "experiment": experiment,
+            "dataset": "BTMRI",
+            "wall_seconds": 1.0,
+            "final": {"accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.5, "source": "x"},
+        }
+        (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+        return 0
 
     monkeypatch.setattr(local_simulation, "simulate", fake_simulate)
     monkeypatch.chdir(tmp_path)
-    main(["simulate", "quickstart", "resume=run", "federation.rounds=3"])
+    assert main(["simulate", "quickstart", "resume=run", "federation.rounds=3"]) == 0
+    assert f"results in {tmp_path / 'run'}" in capsys.readouterr().out
     folder = str(tmp_path / "run")
     assert seen["cfg"].resume == folder and seen["cfg"].output_dir == folder
     assert seen["overrides"][-2:] == [f"resume={folder}", f"output_dir={folder}"]
