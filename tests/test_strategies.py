@@ -4,9 +4,9 @@ proximal term at the site."""
 import numpy as np
 import pytest
 import torch
+from flower_messages import server_task_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from test_validation import SHAPE, train_reply
 
 from fedprompt.config import ConfigError, compose_config, list_choices
@@ -21,10 +21,10 @@ class ThreeNodes:
 
 
 @pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
+def server_identity():
     """Strategies build messages from the process's task identity, as a ServerApp has it."""
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+    with server_task_identity():
+        yield
 
 
 def _strategy(name, **settings):
