@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from flower_messages import instruction
+from flower_messages import instruction, server_task_identity
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -19,7 +19,6 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedprompt.config import compose_config
 from fedprompt.federation.client_app import app
@@ -116,9 +115,7 @@ def test_the_norm_test_is_relative_to_the_other_sites():
     np.testing.assert_allclose(arrays["ctx"].numpy(), (1.0 + 2.0 + 14.0) / 3)
 
 
-def test_updates_are_measured_from_the_prompt_that_was_sent(monkeypatch):
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)  # as a ServerApp process has it
+def test_updates_are_measured_from_the_prompt_that_was_sent():
     rejections = []
     validator = _validator(rejections)
     sent = ArrayRecord({"ctx": Array(np.full(SHAPE, 100.0, np.float32))})
@@ -127,7 +124,8 @@ def test_updates_are_measured_from_the_prompt_that_was_sent(monkeypatch):
         def get_node_ids(self):
             return [2, 3, 4]
 
-    validator.configure_train(1, sent, ConfigRecord(), Grid())
+    with server_task_identity():  # as a ServerApp process has it
+        validator.configure_train(1, sent, ConfigRecord(), Grid())
     # Near the sent prompt: small updates, except node 4's, which went back to 0.
     replies = [train_reply(2, 100.5), train_reply(3, 101.0), train_reply(4, 0.0)]
     arrays, _ = validator.aggregate_train(1, replies)
