@@ -294,14 +294,13 @@ def _novel_evaluation(
     full = load_splits(cfg)
     novel = novel_splits(full)
     # A class-agnostic state has the same shapes for the base classes and for all classes.
-    every_class = build_learner(cfg, backbone, list(full.classnames)).trainable_state()
-    shapes = {k: tuple(v.shape) for k, v in every_class.items()}
-    if shapes != {k: tuple(v.shape) for k, v in base_learner.trainable_state().items()}:
-        raise ConfigError(
-            f"method={cfg.method.name}'s trainable state depends on the class list, so a prompt "
-            "trained on the base classes cannot be tested on the novel ones; use a "
-            "class-agnostic method (or method.class_specific=false) for protocol=base_to_novel."
-        )
+    _class_agnostic(
+        cfg,
+        base_learner,
+        build_learner(cfg, backbone, list(full.classnames)),
+        "a prompt trained on the base classes cannot be tested on the novel ones",
+        " for protocol=base_to_novel",
+    )
     learner = build_learner(cfg, backbone, list(novel.classnames))
     settings = feature_settings(cfg)
     features, labels = PROCESS_FEATURE_CACHE.get(
@@ -319,8 +318,12 @@ def _novel_evaluation(
     return list(full.classnames), score
 
 
-def _class_agnostic(cfg: DictConfig, reference: Learner, other: Learner, what: str) -> None:
-    """Refuse a method whose trainable state depends on the class list, for ``what``.
+def _class_agnostic(
+    cfg: DictConfig, reference: Learner, other: Learner, consequence: str, where: str = ""
+) -> None:
+    """Refuse a method whose trainable state depends on the class list.
+
+    ``consequence`` says what that rules out, ``where`` the setting that asks for it.
 
     Raises:
         ConfigError: The two learners' trainable states differ in keys or shapes.
@@ -328,9 +331,8 @@ def _class_agnostic(cfg: DictConfig, reference: Learner, other: Learner, what: s
     shapes = {k: tuple(v.shape) for k, v in other.trainable_state().items()}
     if shapes != {k: tuple(v.shape) for k, v in reference.trainable_state().items()}:
         raise ConfigError(
-            f"method={cfg.method.name}'s trainable state depends on the class list, so one "
-            f"prompt cannot serve {what}; use a class-agnostic method (or "
-            "method.class_specific=false)."
+            f"method={cfg.method.name}'s trainable state depends on the class list, so "
+            f"{consequence}; use a class-agnostic method (or method.class_specific=false){where}."
         )
 
 
@@ -357,7 +359,9 @@ def _unseen_datasets(
         other = with_dataset(cfg, name)
         splits = load_splits(other)
         learner = build_learner(other, backbone, list(splits.classnames))
-        _class_agnostic(cfg, reference, learner, f"the unseen dataset {name}")
+        _class_agnostic(
+            cfg, reference, learner, f"one prompt cannot serve the unseen dataset {name}"
+        )
         features, labels = PROCESS_FEATURE_CACHE.get(
             backbone,
             splits.test,
@@ -430,7 +434,9 @@ def _tasks_setup(
     sessions = [open_site(cfg, index) for index in range(len(tasks))]
     learners = [learner_for(list(session.data.classnames)) for session in sessions]
     for name, other in zip(tasks[1:], learners[1:], strict=True):
-        _class_agnostic(cfg, learners[0], other, f"sites whose tasks differ ({name})")
+        _class_agnostic(
+            cfg, learners[0], other, f"one prompt cannot serve sites whose tasks differ ({name})"
+        )
     results.write_json(
         "partitions.json",
         {
