@@ -128,11 +128,13 @@ def task_config(cfg: DictConfig, site_index: int) -> DictConfig:
 
 def site_train_sizes(cfg: DictConfig) -> dict[str, int]:
     """Each simulated site's number of training images (after few-shot sampling), by name."""
-    if site_tasks(cfg):
-        return {
-            f"site-{index}": len(open_site(cfg, index).data.train)
-            for index in range(len(site_tasks(cfg)))
-        }
+    sizes = {}
+    for index in range(len(site_tasks(cfg))):  # each its own dataset; no backbone needed
+        own = task_config(cfg, index)
+        splits, plan = splits_and_plan(own)
+        sizes[f"site-{index}"] = len(site_train_indices(own, splits, plan, 0))
+    if sizes:
+        return sizes
     splits, plan = splits_and_plan(cfg)
     return {
         name: len(site_train_indices(cfg, splits, plan, index))
