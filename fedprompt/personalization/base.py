@@ -13,6 +13,7 @@ text features from the global context and its own tensors.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -83,8 +84,16 @@ class Personalization:
         return None
 
     def describe(self) -> dict[str, Any]:
-        """The scheme and its settings, for ``summary.json``."""
-        return {"name": self.name}
+        """The scheme and its settings (a dataclass scheme's fields), for ``summary.json``."""
+        settings = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+        return {"name": self.name, **settings}
+
+
+def fresh_context(learner: Learner, generator: torch.Generator) -> torch.Tensor:
+    """A second context shaped and initialised as the learner's own (its words, or N(0, 0.02²))."""
+    encoder: PromptTextEncoder = learner.prompt_encoder  # type: ignore[assignment]
+    class_specific = learner.ctx.dim() == 3  # type: ignore[union-attr]
+    return encoder.init_context(class_specific, generator)
 
 
 class NoPersonalization(Personalization):

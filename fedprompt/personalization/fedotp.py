@@ -18,13 +18,12 @@ which is thousands of calls a step; the tests check this solver's plans against 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fedprompt.learners import Learner
-from fedprompt.personalization.base import LocalPrompt, Personalization
+from fedprompt.personalization.base import LocalPrompt, Personalization, fresh_context
 from fedprompt.text import PromptTextEncoder
 
 
@@ -139,17 +138,5 @@ class FedOTP(Personalization):
 
     def local_prompt(self, learner: Learner, generator: torch.Generator) -> TransportPrompt:
         """A local context initialised as the global one is."""
-        encoder: PromptTextEncoder = learner.prompt_encoder  # type: ignore[assignment]
-        class_specific = learner.ctx.dim() == 3  # type: ignore[union-attr]
-        ctx = encoder.init_context(class_specific, generator)
+        ctx = fresh_context(learner, generator)
         return TransportPrompt(ctx, self.eps, self.mass, self.max_iter, self.thresh)
-
-    def describe(self) -> dict[str, Any]:
-        """The scheme and its transport settings."""
-        return {
-            "name": self.name,
-            "eps": self.eps,
-            "mass": self.mass,
-            "max_iter": self.max_iter,
-            "thresh": self.thresh,
-        }

@@ -12,7 +12,6 @@ bottleneck 8 follow the public FedPGP code as federated prompt-learning benchmar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,12 +93,3 @@ class FedPGP(Personalization):
         handcrafted = encode_sentences(learner.backbone, sentences)
         device = learner.ctx.device  # type: ignore[union-attr]
         return LowRankPrompt(u.to(device), v.to(device), handcrafted, self.weight, self.temperature)
-
-    def describe(self) -> dict[str, Any]:
-        """The scheme and its settings."""
-        return {
-            "name": self.name,
-            "rank": self.rank,
-            "weight": self.weight,
-            "temperature": self.temperature,
-        }

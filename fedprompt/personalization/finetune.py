@@ -9,7 +9,6 @@ copy is rebuilt from the global prompt every round, so nothing needs to be kept 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from fedprompt.personalization.base import Personalization
 
@@ -25,7 +24,3 @@ class FineTune(Personalization):
     local_epochs: int = 2
     name = "finetune"
     personalized = True
-
-    def describe(self) -> dict[str, Any]:
-        """The scheme and its epochs."""
-        return {"name": self.name, "local_epochs": self.local_epochs}

@@ -10,13 +10,12 @@ fully local). Both contexts train on the site's cross-entropy; only the global o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fedprompt.learners import Learner
-from fedprompt.personalization.base import LocalPrompt, Personalization
+from fedprompt.personalization.base import LocalPrompt, Personalization, fresh_context
 from fedprompt.text import PromptTextEncoder
 
 
@@ -55,10 +54,4 @@ class PromptFolio(Personalization):
 
     def local_prompt(self, learner: Learner, generator: torch.Generator) -> FolioPrompt:
         """A local context initialised as the global one is (the same words, or N(0, 0.02²))."""
-        encoder: PromptTextEncoder = learner.prompt_encoder  # type: ignore[assignment]
-        class_specific = learner.ctx.dim() == 3  # type: ignore[union-attr]
-        return FolioPrompt(encoder.init_context(class_specific, generator), self.mix)
-
-    def describe(self) -> dict[str, Any]:
-        """The scheme and its mix."""
-        return {"name": self.name, "mix": self.mix}
+        return FolioPrompt(fresh_context(learner, generator), self.mix)
