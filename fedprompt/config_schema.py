@@ -11,6 +11,7 @@ is allowed; ``fedprompt simulate``, ``config``, ``table`` and ``study`` and the 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -262,6 +263,9 @@ CONTEXT_SCHEMES = ("promptfolio", "fedpgp", "fedotp")
 """Personalizations that splice a site's own tensors into the method's context."""
 
 SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+RAY_ADDRESS = re.compile(r"[A-Za-z0-9.\-]+:\d{1,5}")
+"""``federation.ray_address``: a head's host name or IPv4 address, and its port."""
 """Strategies that need only the weighted mean of the updates, which SecAgg+ yields."""
 
 
@@ -304,6 +308,12 @@ def _cross_checks(cfg: DictConfig) -> str | None:
         return (
             f"method=zeroshot trains nothing, so privacy={privacy} has nothing to protect; use "
             "privacy=none."
+        )
+    address = _value(cfg, "federation.ray_address")
+    if address is not None and not RAY_ADDRESS.fullmatch(str(address)):
+        return (
+            f"federation.ray_address={address} is not the host:port of a Ray cluster's head "
+            "(ray start --head --port <port>); give it as host:port, or null."
         )
     holdout = int(_value(cfg, "evaluation.holdout_sites") or 0)
     if holdout and not simulated:

@@ -88,6 +88,7 @@ def test_an_out_of_range_value_is_one_sentence_naming_key_value_and_range(overri
             "partition.acquisition=scanner simulates sites that differ in acquisition",
         ),
         (["evaluation.holdout_sites=3"], "would leave no site to train among"),
+        (["federation.ray_address='http://head'"], "is not the host:port of a Ray cluster"),
         (
             ["evaluation.holdout_sites=1", "federation.mode=deployment"],
             "holds out simulated sites",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fedprompt.config import ConfigError, compose_config
 from fedprompt.federation import local_simulation
 from fedprompt.federation.local_simulation import _group_alive, _stop, _terminate_as_interrupt
 
@@ -94,6 +95,13 @@ def test_a_port_taken_before_the_superlink_binds_it_is_replaced(monkeypatch, tmp
             timeout=60,
         )
         assert done.returncode == 0, done.stdout + done.stderr  # the SuperLink answers there
+
+
+def test_a_ray_address_where_no_cluster_answers_stops_before_flower():
+    address = f"127.0.0.1:{local_simulation._free_port()}"  # nothing listens there
+    cfg = compose_config("quickstart", [f"federation.ray_address={address}"])
+    with pytest.raises(ConfigError, match=f"federation.ray_address={address}: no Ray cluster"):
+        local_simulation.check_before_flower(cfg)
 
 
 def _descendants(pid: int) -> set[int]:

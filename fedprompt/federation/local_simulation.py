@@ -26,6 +26,7 @@ from typing import IO
 import tomli_w
 from omegaconf import DictConfig
 
+from fedprompt.config import ConfigError
 from fedprompt.federation.grid_session import GridPlan
 from fedprompt.federation.process_guard import descendants
 from fedprompt.federation.run_config import (
@@ -303,6 +304,24 @@ def _start_superlink(env: dict[str, str], log_file: IO[str]) -> tuple[subprocess
     )
 
 
+def _check_ray_head(address: str, timeout: float = 5.0) -> None:
+    """Refuse a ``federation.ray_address`` where no Ray head answers (else round 1 waits forever).
+
+    Raises:
+        ConfigError: Nothing accepts a connection at ``address`` within ``timeout``.
+    """
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except OSError:
+        raise ConfigError(
+            f"federation.ray_address={address}: no Ray cluster answers there; start its head "
+            f"with `ray start --head --port {port}` (and its workers with `ray start --address "
+            f"{address}`), or set federation.ray_address=null."
+        ) from None
+
+
 def ray_address_of(cfg: DictConfig) -> str | None:
     """``federation.ray_address``: a running Ray cluster to simulate on (None: a private Ray)."""
     address = cfg.federation.get("ray_address")
@@ -391,9 +410,10 @@ def _stream(command: list[str], env: dict[str, str], output: FlowerOutput) -> in
 def check_before_flower(cfg: DictConfig) -> None:
     """What a run needs that can be checked in this process, so it fails before Flower starts.
 
-    The dataset's index (and the unseen datasets'), the authors' descriptions where asked for,
-    each simulated site's training set against the privacy settings, and Flower's own checks of
-    the SecAgg+ parameters. ``check_config`` has checked the keys themselves.
+    The Ray cluster where one is named, the dataset's index (and the unseen datasets'), the
+    authors' descriptions where asked for, each simulated site's training set against the
+    privacy settings, and Flower's own checks of the SecAgg+ parameters. ``check_config`` has
+    checked the keys themselves.
 
     Raises:
         ConfigError, DataError, DescriptionsError: The first problem, in one sentence.
@@ -404,6 +424,9 @@ def check_before_flower(cfg: DictConfig) -> None:
     from fedprompt.site_rounds import site_train_sizes
     from fedprompt.text.descriptions import AUTHORS, author_descriptions_file
 
+    address = ray_address_of(cfg)
+    if address is not None:
+        _check_ray_head(address)
     splits = load_splits(cfg)
     if cfg.method.get("descriptions") == AUTHORS:
         author_descriptions_file(splits.classnames)
