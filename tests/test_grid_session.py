@@ -5,11 +5,12 @@ import json
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flower_messages import instruction
+from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
 from fedprompt.experiments.grid import Point, run_grid, run_point
 from fedprompt.federation import client_app
-from fedprompt.federation.grid_session import GridPlan, run_plan
+from fedprompt.federation.grid_session import GridPlan, run_plan, tag
 from fedprompt.federation.inprocess_grid import InProcessGrid
 from fedprompt.federation.run_config import PLAN_KEY, default_run_config
 
@@ -84,3 +85,22 @@ def test_a_nodes_state_is_cleared_when_the_point_changes():
     assert client_app.LEDGER_KEY in context.state  # same point: kept
     client_app._enter_point(context, 1)
     assert client_app.LEDGER_KEY not in context.state  # another point: nothing carries over
+
+
+def test_a_message_naming_a_point_outside_a_session_is_refused(tmp_path):
+    plan = GridPlan("quickstart", (("federation.rounds=1", f"output_dir={tmp_path / 'a'}"),))
+    plan_file = plan.save(tmp_path / "plan.json")
+    for run_config, index in (
+        (default_run_config("quickstart"), 0),  # not a session at all
+        (default_run_config("quickstart") | {PLAN_KEY: str(plan_file)}, 5),  # no such point
+    ):
+        context = Context(
+            run_id=1,
+            node_id=1,
+            node_config={"partition-id": 0, "num-partitions": 3},
+            state=RecordDict(),
+            run_config=run_config,
+        )
+        message = tag([instruction(1, MessageType.QUERY)], index)[0]
+        reply = client_app.app(message, context)
+        assert reply.has_error() and f"names point {index} of a session" in reply.error.reason

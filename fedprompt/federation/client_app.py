@@ -78,8 +78,16 @@ def _config(msg: Message, context: Context) -> tuple[DictConfig, bool]:
     index = point_of(msg)
     if index is None:
         return config_from_run_config(context.run_config), False
+    plan_file = context.run_config.get(PLAN_KEY)
+    plan = GridPlan.load(str(plan_file)) if plan_file else None
+    points = len(plan.points) if plan else 0
+    if plan is None or not 0 <= index < points:
+        raise ConfigError(
+            f"The message names point {index} of a session, but this run's session plan has "
+            f"{points} points; only the server fedprompt started for the session can address them."
+        )
     _enter_point(context, index)
-    return GridPlan.load(str(context.run_config[PLAN_KEY])).config(index), True
+    return plan.config(index), True
 
 
 def _open(msg: Message, context: Context) -> NodeSite:
