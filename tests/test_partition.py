@@ -1,6 +1,8 @@
 """Partitioners, per-site test sets and the partitions report."""
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +260,288 @@ def test_a_failed_partitions_write_leaves_no_temporary_file(tmp_path):
     with pytest.raises(OSError):
         write_partitions_json(target, {"scheme": "iid"})
     assert [p.name for p in tmp_path.iterdir()] == ["partitions.json"]
+
+
+# Mutation-testing round (issue 16): boundaries, whole refusal sentences, the written record.
+
+
+def test_the_site_count_and_seed_boundaries_are_allowed():
+    assert [len(p) for p in iid_partition([0, 1, 0], 3, 0)] == [1, 1, 1]  # one image per site
+    assert [len(p) for p in iid_partition([0, 1, 0], 1, 0)] == [3]
+
+
+@pytest.mark.parametrize(
+    ("num_sites", "seed", "sentence"),
+    [
+        (2, -1, "The partition seed must be >= 0, got -1."),
+        (0, 0, "num_sites must be at least 1, got 0."),
+        (
+            4,
+            0,
+            "Cannot give 4 sites at least one image each from 3 images; use fewer sites or "
+            "more shots.",
+        ),
+    ],
+)
+def test_impossible_site_requests_are_refused_in_one_sentence(num_sites, seed, sentence):
+    with pytest.raises(DataError) as err:
+        iid_partition([0, 1, 0], num_sites, seed)
+    assert str(err.value) == sentence
+
+
+def test_dirichlet_min_size_boundaries():
+    # min_size 0 asks for nothing; min_size * num_sites == the image count is still possible.
+    assert len(dirichlet_partition([0, 1, 2, 0, 1, 2], 3, 0, alpha=1.0, min_size=0)) == 3
+    parts = dirichlet_partition([0, 0, 1, 1], 2, 0, alpha=100.0, min_size=2)
+    assert [len(p) for p in parts] == [2, 2]
+    _check_disjoint_complete(parts, 4)
+
+
+def test_dirichlet_default_min_size_is_two():
+    # 5 images over 2 sites: min_size 2 is possible, 3 would not be.
+    parts = dirichlet_partition([0, 0, 1, 1, 1], 2, 0, alpha=1.0)
+    assert min(len(p) for p in parts) >= 2
+    via_options = partition_labels([0, 0, 1, 1, 1], 2, "dirichlet", 0, alpha=1.0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, via_options, strict=True))
+
+
+def test_dirichlet_refusals_are_one_sentence():
+    labels = np.repeat(np.arange(2), 10)
+    with pytest.raises(DataError) as err:
+        dirichlet_partition(labels, 5, 0, alpha=1.0, min_size=5)
+    assert str(err.value) == (
+        "Cannot give each of 5 sites at least 5 images from 20 images; lower min_size or num_sites."
+    )
+    with pytest.raises(DataError) as err:
+        dirichlet_partition(labels, 10, 0, alpha=0.001, min_size=2)
+    assert str(err.value) == (
+        "No Dirichlet(alpha=0.001) draw gave all 10 sites at least 2 images in 1000 tries "
+        "(20 images); raise alpha, lower min_size or use fewer sites."
+    )
+    for alpha in (0.0, -1.0, float("nan")):
+        with pytest.raises(DataError) as err:
+            dirichlet_partition(labels, 2, 0, alpha=alpha)
+        assert str(err.value) == f"Dirichlet alpha must be positive, got {alpha}."
+
+
+def test_dirichlet_accepts_a_small_positive_alpha():
+    parts = dirichlet_partition(np.repeat(np.arange(2), 10), 2, 0, alpha=0.5)
+    _check_disjoint_complete(parts, 20)
+
+
+def test_pathological_boundaries():
+    labels = np.repeat(np.arange(3), 3)
+    # Every site holds every class (classes_per_site == the class count), and each class has
+    # exactly as many images as the sites holding it: one each.
+    parts = pathological_partition(labels, 3, 0, classes_per_site=3)
+    assert [sorted(labels[p].tolist()) for p in parts] == [[0, 1, 2]] * 3
+    one = pathological_partition(labels, 3, 0, classes_per_site=1)
+    assert sorted(len(set(labels[p].tolist())) for p in one) == [1, 1, 1]
+    _check_disjoint_complete(one, 9)
+
+
+@pytest.mark.parametrize("classes_per_site", [0, 4])
+def test_pathological_refuses_classes_per_site_outside_the_classes_present(classes_per_site):
+    with pytest.raises(DataError) as err:
+        pathological_partition(np.repeat(np.arange(3), 3), 3, 0, classes_per_site=classes_per_site)
+    assert str(err.value) == (
+        f"classes_per_site must lie in 1..3 (the classes present), got {classes_per_site}."
+    )
+
+
+def test_pathological_refusal_and_warning_sentences():
+    with pytest.raises(DataError) as err:
+        pathological_partition(np.repeat(np.arange(3), 2), 3, 0, classes_per_site=3)
+    assert str(err.value) == (
+        "Class 0 has 2 images but 3 sites hold it, so some would get none of it; use fewer "
+        "sites, fewer classes_per_site or more shots."
+    )
+    with pytest.warns(UserWarning) as caught:
+        pathological_partition(np.repeat(np.arange(3), 2), 1, 0, classes_per_site=2)
+    (warning,) = caught
+    assert re.fullmatch(
+        r"1 sites x 2 classes cannot cover 3 classes; the images of classes \[\d\] are left out\.",
+        str(warning.message),
+    )
+    assert warning.filename == __file__  # the warning points at the caller
+
+
+def test_partition_labels_refusals_are_one_sentence():
+    cases = [
+        (
+            "shards",
+            {},
+            "Unknown partition scheme 'shards'; use one of ['iid', 'dirichlet', 'pathological'].",
+        ),
+        ("dirichlet", {}, "The dirichlet partition scheme needs `alpha` (e.g. 0.5)."),
+        (
+            "pathological",
+            {},
+            "The pathological partition scheme needs `classes_per_site` (e.g. 2).",
+        ),
+        (
+            "iid",
+            {"alpha": 0.5},
+            "Partition scheme 'iid' takes the options [], not ['alpha']; "
+            "remove them or set them to null.",
+        ),
+        (
+            "dirichlet",
+            {"alpha": 1.0, "classes_per_site": 2, "seeds": 1},
+            "Partition scheme 'dirichlet' takes the options ['alpha', 'min_size'], not "
+            "['classes_per_site', 'seeds']; remove them or set them to null.",
+        ),
+        (
+            "pathological",
+            {"classes_per_site": 2, "alpha": 1.0},
+            "Partition scheme 'pathological' takes the options ['classes_per_site'], not "
+            "['alpha']; remove them or set them to null.",
+        ),
+    ]
+    for scheme, options, sentence in cases:
+        with pytest.raises(DataError) as err:
+            partition_labels(LABELS, 3, scheme, 0, **options)
+        assert str(err.value) == sentence
+
+
+def test_partition_labels_passes_each_scheme_its_options():
+    labels = np.repeat(np.arange(3), 4)
+    for options in ({"alpha": 0.5, "min_size": 3}, {"alpha": "2", "min_size": "1"}):
+        expected = dirichlet_partition(
+            labels, 3, 1, alpha=float(options["alpha"]), min_size=int(options["min_size"])
+        )
+        got = partition_labels(labels, 3, "dirichlet", 1, classes_per_site=None, **options)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    expected = pathological_partition(labels, 3, 1, classes_per_site=2)
+    got = partition_labels(labels, 3, "pathological", 1, classes_per_site="2", alpha=None)
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True))
+    with pytest.raises(DataError, match="at least 5 images"):  # min_size reaches the partitioner
+        partition_labels(labels, 3, "dirichlet", 1, alpha=1.0, min_size=5)
+
+
+def test_test_sets_take_each_class_in_train_proportions_exactly():
+    # Site train shards hold class 0 in a 3:1 ratio; 8 test images of class 0 and 4 of class 1.
+    train = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    test = np.array([0] * 8 + [1] * 4)
+    plan = assign_sites(train, test, 2, "pathological", seed=0, classes_per_site=1)
+    counts = sorted(np.bincount(test[t], minlength=2).tolist() for t in plan.test)
+    assert counts == [[0, 4], [4, 0]]  # lam = min(8/4, 4/4) = 1
+
+
+def test_largest_remainder_gives_the_leftover_to_the_largest_fractions_first():
+    from fedprompt.data.partition import _largest_remainder
+
+    got = _largest_remainder(np.array([0.5, 1.9, 0.4, 0.7]), 3)
+    assert got.tolist() == [0, 2, 0, 1]
+    # Ties go to the earlier site, whatever the number of sites.
+    ties = _largest_remainder(np.full(40, 0.5), 17)
+    assert ties.tolist() == [1] * 17 + [0] * 23
+    assert _largest_remainder(np.array([1.0, 2.0]), 3).tolist() == [1, 2]
+
+
+def test_empty_test_sets_are_integer_index_arrays():
+    with pytest.warns(UserWarning):
+        plan = assign_sites([0, 0, 1, 1], [2, 2, 3], 2, "iid", seed=0)
+    assert all(t.dtype == np.int64 for t in plan.test)
+    with pytest.warns(UserWarning):
+        sparse = assign_sites(np.arange(8) % 2, [0, 1], 4, "iid", seed=0)
+    assert all(t.dtype == np.int64 for t in sparse.test)
+    with pytest.warns(UserWarning, match="no test images"):  # the classes, not the sites
+        no_test = assign_sites([0, 1, 0, 1], [], 2, "iid", seed=0)
+    assert [t.tolist() for t in no_test.test] == [[], []]
+    assert all(t.dtype == np.int64 for t in no_test.test)
+
+
+def test_assign_sites_warnings_point_at_the_caller():
+    with pytest.warns(UserWarning) as caught:
+        assign_sites([0, 0, 1, 1], [2, 2, 3], 2, "iid", seed=0)
+    assert len(caught) == 3 and all(w.filename == __file__ for w in caught)
+    assert str(caught[0].message) == (
+        "Classes [0, 1] have train images but no test images; sites' test sets leave them out."
+    )
+    assert str(caught[1].message) == (
+        "Site site-0 gets no test images (3 test images for 2 sites under the iid partition), "
+        "so it will train but not be evaluated; use fewer sites, another partition or a larger "
+        "test split."
+    )
+
+
+def test_a_site_with_test_images_is_not_warned_about(recwarn):
+    plan = assign_sites([0, 0, 1, 1], [0, 1, 0, 1], 2, "iid", seed=0)
+    assert [len(t) for t in plan.test] == [2, 2] and not recwarn.list
+
+
+def test_the_report_is_the_whole_record():
+    plan = SitePartition(
+        site_names=["site-0", "site-1"],
+        train=[np.array([0, 2]), np.array([1, 3, 4])],
+        test=[np.array([1]), np.array([], dtype=np.int64)],
+    )
+    params = {"num_sites": 2, "seed": np.int64(3), "weights": np.array([0.5, 0.5])}
+    report = partitions_report(plan, [0, 1, 0, 1, 1], [1, 0], ["a", "b"], "iid", params)
+    assert report == {
+        "scheme": "iid",
+        "params": {"num_sites": 2, "seed": 3, "weights": [0.5, 0.5]},
+        "seed": 3,
+        "num_sites": 2,
+        "classnames": ["a", "b"],
+        "train_total": 5,
+        "test_total": 2,
+        "train_histogram": {"a": 2, "b": 3},
+        "test_histogram": {"a": 1, "b": 1},
+        "sites": [
+            {
+                "name": "site-0",
+                "train_size": 2,
+                "test_size": 1,
+                "train_histogram": {"a": 2, "b": 0},
+                "test_histogram": {"a": 1, "b": 0},
+                "train_indices": [0, 2],
+                "test_indices": [1],
+            },
+            {
+                "name": "site-1",
+                "train_size": 3,
+                "test_size": 0,
+                "train_histogram": {"a": 0, "b": 3},
+                "test_histogram": {"a": 0, "b": 0},
+                "train_indices": [1, 3, 4],
+                "test_indices": [],
+            },
+        ],
+    }
+    assert partitions_report(plan, [0, 1, 0, 1, 1], [1, 0], ["a", "b"], "iid", {})["seed"] is None
+    with pytest.raises(TypeError, match=r"^object is not JSON-serialisable$"):
+        partitions_report(plan, [0, 1, 0, 1, 1], [1, 0], ["a", "b"], "iid", {"x": object()})
+    rebuilt = SitePartition.from_report(report)
+    assert rebuilt.site_names == ["site-0", "site-1"]
+    assert [t.tolist() for t in rebuilt.test] == [[1], []]
+    assert all(t.dtype == np.int64 for t in rebuilt.train + rebuilt.test)  # usable as indices
+
+
+def test_partitions_json_is_indented_and_rewritable(tmp_path):
+    path = tmp_path / "a" / "b" / "partitions.json"
+    report = {"scheme": "iid", "seed": np.int64(1), "params": {"w": np.array([1, 2])}}
+    write_partitions_json(path, report)
+    write_partitions_json(path, report | {"scheme": "dirichlet"})  # an existing file is replaced
+    text = path.read_text(encoding="utf-8")
+    assert text == (
+        '{\n "scheme": "dirichlet",\n "seed": 1,\n "params": {\n  "w": [\n   1,\n   2\n  ]\n }\n}\n'
+    )
+    assert read_partitions_json(path) == {"scheme": "dirichlet", "seed": 1, "params": {"w": [1, 2]}}
+    assert [p.name for p in path.parent.iterdir()] == ["partitions.json"]
+
+
+def test_partitions_json_is_written_beside_the_target_then_renamed(tmp_path, monkeypatch):
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renames.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "partitions.json"
+    write_partitions_json(path, {"scheme": "iid"})
+    ((src, dst),) = renames
+    assert dst == path and src.parent == tmp_path and src.name.startswith(".partitions.json.")
