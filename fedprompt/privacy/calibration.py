@@ -91,11 +91,13 @@ def check_budget_reachable(
         raise ValueError(f"privacy.delta must be in (0, 1), got {delta}.")
     low, high = NOISE_SEARCH_RANGE
     least_noise = epsilon_for(low, rate, steps, delta, accountant)
-    if least_noise <= target_epsilon:
+    if least_noise < target_epsilon:
+        # Rounded down, so that the epsilon advised is one this check accepts.
+        advised = math.floor(least_noise * 10) / 10
         raise ValueError(
             f"privacy.epsilon={target_epsilon:g} is more than this run can spend: even the least "
             f"noise searched (noise multiplier {low}) spends only epsilon {least_noise:.1f} over "
-            f"its {steps} steps; choose privacy.epsilon at most {least_noise:.1f}, or "
+            f"its {steps} steps; choose privacy.epsilon at most {advised:.1f}, or "
             "privacy=none for no differential privacy."
         )
     most_noise = epsilon_for(high, rate, steps, delta, accountant)
