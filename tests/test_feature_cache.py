@@ -1,9 +1,11 @@
 import copy
 import dataclasses
+import hashlib
 import logging
 import os
 import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD
 from PIL import Image
 from torchvision import transforms
 
+from fedprompt.backbones import Backbone
 from fedprompt.data.acquisition import draw_profile
 from fedprompt.data.augment import AugmentationSettings, SeededViewTransform
 from fedprompt.data.feature_cache import FeatureStore, backbone_identity, entry_key
@@ -461,3 +464,327 @@ def test_a_file_of_another_format_kind_or_checksum_set_is_deleted(tmp_path, capl
         assert store.load(BACKBONE_ID, KEY, "features") is None
     assert re.search(reason, caplog.text), caplog.text
     assert not path.exists()
+
+
+# Mutation-testing round (issue 16): the store's layout, checks, memory-mapped verification and
+# failure paths, and what the backbone identity samples.
+
+
+def _tower_backbone(spec="tower", device="cpu", **tensors):
+    """A Backbone whose image tower is just ``tensors`` (all ``backbone_identity`` reads)."""
+    visual = torch.nn.Module()
+    for name, value in tensors.items():
+        visual.register_buffer(name, value)
+    model = torch.nn.Module()
+    model.visual = visual
+    return Backbone(
+        spec=spec,
+        model=model,
+        tokenizer=None,
+        preprocess=None,
+        preprocess_train=None,
+        text_kind="native",
+        image_size=8,
+        embed_dim=4,
+        device=torch.device(device),
+    )
+
+
+def test_backbone_identity_sees_every_element_of_a_small_tensor():
+    weights = torch.arange(200.0)
+    base = backbone_identity(_tower_backbone(w=weights))
+    assert re.fullmatch(r"[0-9a-f]{64}", base)
+    assert backbone_identity(_tower_backbone(w=weights.clone())) == base  # same weights, same id
+    for index in (1, 199):
+        changed = weights.clone()
+        changed[index] += 1.0
+        assert backbone_identity(_tower_backbone(w=changed)) != base
+
+
+def test_backbone_identity_separates_spec_device_path_shape_and_dtype():
+    weights = torch.arange(12.0)
+    identities = {
+        backbone_identity(_tower_backbone(w=weights)),
+        backbone_identity(_tower_backbone(spec="other", w=weights)),
+        backbone_identity(_tower_backbone(device="cuda", w=weights)),
+        backbone_identity(_tower_backbone(device="meta", w=weights)),
+        backbone_identity(_tower_backbone(w=weights.reshape(3, 4))),
+        backbone_identity(_tower_backbone(w=weights.double())),
+        backbone_identity(_tower_backbone(v=weights)),
+    }
+    assert len(identities) == 7
+
+
+def test_backbone_identity_reads_bf16_weights():
+    weights = torch.arange(12.0)
+    bf16 = backbone_identity(_tower_backbone(w=weights.bfloat16()))
+    assert bf16 != backbone_identity(_tower_backbone(w=weights))
+
+
+def test_backbone_identity_is_computed_once_per_backbone(monkeypatch):
+    backbone = _tower_backbone(w=torch.arange(12.0))
+    first = backbone_identity(backbone)
+    monkeypatch.setattr(
+        backbone.model.visual, "state_dict", lambda: pytest.fail("weights read again")
+    )
+    assert backbone_identity(backbone) == first
+
+
+def test_the_store_folder_is_absolute_and_expands_the_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert FeatureStore("~/cache").directory == tmp_path / "home" / "cache"
+    assert FeatureStore("relative").directory == tmp_path / "relative"
+
+
+def test_store_layout_is_backbone_folder_then_entry_file(tmp_path):
+    backbone_id, key = "0123456789abcdef" * 4, "fedcba9876543210" * 4
+    path = FeatureStore(tmp_path).path(backbone_id, key, "tokens")
+    assert path == tmp_path / "0123456789abcdef" / f"{key[:40]}.tokens.pt"
+
+
+def test_a_saved_entry_holds_its_key_kind_meta_and_checksums(tmp_path):
+    store = FeatureStore(tmp_path / "new" / "cache")  # created on first write
+    meta = {"spec": "x", "where": tmp_path, "images": 3}
+    tensors = {"features": torch.arange(12.0).reshape(3, 4).t(), "labels": torch.arange(3)}
+    path = store.save(BACKBONE_ID, KEY, "features", tensors, meta)
+    assert path == store.path(BACKBONE_ID, KEY, "features")
+    payload = torch.load(path, weights_only=True)
+    assert set(payload) == {"format", "key", "kind", "meta", "tensors", "checksums"}
+    assert (payload["format"], payload["key"], payload["kind"]) == (1, KEY, "features")
+    assert payload["meta"] == f'{{"images": 3, "spec": "x", "where": "{tmp_path}"}}'
+    assert all(t.is_contiguous() for t in payload["tensors"].values())
+    assert payload["checksums"] == {
+        name: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+        for name, t in tensors.items()
+    }
+    loaded = store.load(BACKBONE_ID, KEY, "features")
+    assert set(loaded) == {"features", "labels"}
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    assert store.save(BACKBONE_ID, KEY, "features", tensors, meta) == path  # rewritten in place
+
+
+def test_a_store_writes_a_hidden_temporary_file_beside_the_target(tmp_path, monkeypatch):
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renames.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    path = FeatureStore(tmp_path).save(BACKBONE_ID, KEY, "features", {"x": torch.ones(2)}, {})
+    ((src, dst),) = renames
+    assert dst == path and src.parent == path.parent and src.name.startswith(f".{path.name}.")
+
+
+def test_a_failed_store_write_logs_once_and_leaves_no_temporary_file(tmp_path, caplog):
+    store = FeatureStore(tmp_path)
+    target = store.path(BACKBONE_ID, KEY, "features")
+    target.mkdir(parents=True)  # a folder where the file should go: the final rename fails
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        assert store.save(BACKBONE_ID, KEY, "features", {"x": torch.ones(2)}, {}) is None
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+    (record,) = caplog.records
+    assert re.fullmatch(
+        rf"Feature cache {re.escape(str(target))} cannot be written \(.+\); going on without\.",
+        record.getMessage(),
+    )
+
+
+def test_an_absent_entry_or_folder_loads_as_none_without_a_warning(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        assert FeatureStore(tmp_path).load(BACKBONE_ID, KEY, "features") is None
+        assert FeatureStore(blocker).load(BACKBONE_ID, KEY, "features") is None
+    assert not caplog.records
+
+
+def test_a_file_vanishing_during_the_read_is_a_miss(tmp_path, caplog, monkeypatch):
+    store = FeatureStore(tmp_path)
+    path, _ = _stored_payload(store)
+
+    def vanished(*args, **kwargs):
+        raise FileNotFoundError(str(path))
+
+    monkeypatch.setattr(torch, "load", vanished)
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        assert store.load(BACKBONE_ID, KEY, "features") is None
+    assert not caplog.records
+
+
+class _Executed(Exception):
+    pass
+
+
+class _Payload:
+    """An object whose unpickling would run code: a cache file must never be able to."""
+
+    def __reduce__(self):
+        return (_raise_executed, ())
+
+
+def _raise_executed():
+    raise _Executed
+
+
+def test_a_file_that_would_run_code_is_refused_unread(tmp_path, caplog):
+    store = FeatureStore(tmp_path)
+    path, payload = _stored_payload(store)
+    torch.save(payload | {"meta": _Payload()}, path)
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        assert store.load(BACKBONE_ID, KEY, "features") is None
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        f"Feature cache file {path} is unreadable (UnpicklingError: "
+    )
+    assert record.getMessage().endswith("; deleting it to rebuild it.")
+    assert not path.exists()
+
+
+BROKEN_PAYLOADS = {
+    "not a dict": (lambda p: [p], "of another format"),
+    "no format": (lambda p: {k: v for k, v in p.items() if k != "format"}, "of another format"),
+    "another key": (lambda p: p | {"key": "0" * 64}, "stale (written for another key)"),
+    "another kind": (lambda p: p | {"kind": "tokens"}, "stale (written for another key)"),
+    "no tensors": (lambda p: p | {"tensors": {}, "checksums": {}}, "incomplete"),
+    "tensors not a dict": (lambda p: p | {"tensors": [1]}, "incomplete"),
+    "checksums not a dict": (lambda p: p | {"checksums": ["x"]}, "incomplete"),
+    "no checksums": (lambda p: {k: v for k, v in p.items() if k != "checksums"}, "incomplete"),
+    "extra checksum": (
+        lambda p: p | {"checksums": p["checksums"] | {"other": "0"}},
+        "incomplete (tensors and checksums differ)",
+    ),
+    "not a tensor": (
+        lambda p: p | {"tensors": p["tensors"] | {"labels": [0, 1, 2]}},
+        "corrupt (checksum of 'labels' does not match)",
+    ),
+    "swapped checksums": (
+        lambda p: (
+            p
+            | {
+                "checksums": {
+                    "features": p["checksums"]["labels"],
+                    "labels": p["checksums"]["features"],
+                }
+            }
+        ),
+        "corrupt (checksum of 'features' does not match)",
+    ),
+}
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+@pytest.mark.parametrize("fault", list(BROKEN_PAYLOADS))
+def test_a_broken_file_is_deleted_with_its_reason(tmp_path, caplog, fault, mmap):
+    damage, reason = BROKEN_PAYLOADS[fault]
+    store = FeatureStore(tmp_path)
+    path, payload = _stored_payload(store)
+    torch.save(damage(payload), path)
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        assert store.load(BACKBONE_ID, KEY, "features", mmap=mmap) is None
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"Feature cache file {path} is {reason}; deleting it to rebuild it."
+    )
+    assert not path.exists()
+
+
+def _mapped_files():
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        return {line.split(maxsplit=5)[5].strip() for line in maps if len(line.split()) == 6}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_a_memory_mapped_load_maps_the_file(tmp_path):
+    store = FeatureStore(tmp_path)
+    path, _ = _stored_payload(store, kind="tokens")
+    read = store.load(BACKBONE_ID, KEY, "tokens")
+    assert str(path) not in _mapped_files()
+    mapped = store.load(BACKBONE_ID, KEY, "tokens", mmap=True)
+    assert str(path) in _mapped_files()
+    assert torch.equal(mapped["features"], read["features"])
+
+
+def _count_digests(monkeypatch):
+    from fedprompt.data import feature_cache
+
+    calls = []
+    real = feature_cache._tensor_digest
+
+    def counting(tensor):
+        calls.append(1)
+        return real(tensor)
+
+    monkeypatch.setattr(feature_cache, "_tensor_digest", counting)
+    return calls
+
+
+def test_a_memory_mapped_file_is_verified_once_per_version(tmp_path, monkeypatch):
+    store = FeatureStore(tmp_path)
+    _stored_payload(store, kind="tokens")
+    calls = _count_digests(monkeypatch)
+    assert store.load(BACKBONE_ID, KEY, "tokens", mmap=True) is not None
+    assert len(calls) == 2  # both tensors checked the first time
+    assert store.load(BACKBONE_ID, KEY, "tokens", mmap=True) is not None
+    assert len(calls) == 2  # not again for the same file version
+    assert store.load(BACKBONE_ID, KEY, "tokens") is not None
+    assert len(calls) == 4  # a read into memory is always checked
+    assert FeatureStore(tmp_path).load(BACKBONE_ID, KEY, "tokens", mmap=True) is not None
+    assert len(calls) == 6  # another store (process) checks for itself
+
+
+def _rewrite(path, payload, *, same_mtime):
+    """Write ``payload`` over ``path`` as the store does, keeping or advancing its mtime."""
+    stat = path.stat()
+    _save_as_the_store(payload, path)
+    ns = stat.st_mtime_ns if same_mtime else stat.st_mtime_ns + 10**9
+    os.utime(path, ns=(ns, ns))
+
+
+def _save_as_the_store(payload, path):
+    with open(path, "wb") as file:  # through a handle: the archive's inner name is the same
+        torch.save(payload, file)
+
+
+@pytest.mark.parametrize("change", ["mtime", "size"])
+def test_a_memory_mapped_file_changed_after_its_check_is_checked_again(tmp_path, caplog, change):
+    store = FeatureStore(tmp_path)
+    path, payload = _stored_payload(store, kind="tokens")
+    size = path.stat().st_size
+    assert store.load(BACKBONE_ID, KEY, "tokens", mmap=True) is not None
+    flipped = copy.deepcopy(payload)
+    flipped["tensors"]["features"][0, 0] += 1.0
+    if change == "size":  # same modification time, different size
+        flipped["meta"] += " " * 200  # records are padded: add enough to change the size
+    _rewrite(path, flipped, same_mtime=change == "size")
+    assert (path.stat().st_size == size) == (change == "mtime")
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        assert store.load(BACKBONE_ID, KEY, "tokens", mmap=True) is None
+    assert "corrupt (checksum of 'features'" in caplog.text and not path.exists()
+
+
+def test_a_verified_mapping_does_not_vouch_for_another_file_or_a_read(tmp_path, caplog):
+    store = FeatureStore(tmp_path)
+    path, payload = _stored_payload(store, kind="tokens")
+    other = store.path(BACKBONE_ID, "j" * 64, "tokens")
+    flipped = copy.deepcopy(payload) | {"key": "j" * 64}
+    flipped["tensors"]["features"][0, 0] += 1.0
+    _save_as_the_store(flipped, other)
+    stat = path.stat()
+    os.utime(other, ns=(stat.st_mtime_ns, stat.st_mtime_ns))
+    assert other.stat().st_size == stat.st_size  # same size and time, another file
+    assert store.load(BACKBONE_ID, KEY, "tokens", mmap=True) is not None
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        assert store.load(BACKBONE_ID, "j" * 64, "tokens", mmap=True) is None
+    assert "corrupt" in caplog.text
+    # The same file changed without a new size or time: a read into memory still checks it.
+    caplog.clear()
+    bad = copy.deepcopy(payload)
+    bad["tensors"]["features"][0, 0] += 1.0
+    _rewrite(path, bad, same_mtime=True)
+    assert path.stat().st_size == stat.st_size
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        assert store.load(BACKBONE_ID, KEY, "tokens") is None
+    assert "corrupt" in caplog.text
