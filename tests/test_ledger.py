@@ -21,6 +21,7 @@ from fedprompt.privacy import (
     sample_rate,
     steps_per_epoch,
 )
+from fedprompt.privacy import ledger as ledger_module
 
 # Independent check against Google's dp-accounting. Each accountant gets an interval the ledger's
 # epsilon must lie in; both ends follow from what the two libraries compute and guarantee, none
@@ -369,3 +370,242 @@ def test_epsilon_agrees_with_google_dp_accounting(sigma, rate, steps, delta):
         ledger.spend(steps - 4 * (steps // 4))
         assert ledger.steps == steps
         assert low <= ledger.epsilon() <= high, (accountant, low, ledger.epsilon(), high)
+
+
+# The whole plan of ``_ledger()``, as ``to_dict`` writes it before any step.
+PLAN = {
+    "target_epsilon": 10.0,
+    "delta": 1e-5,
+    "noise_multiplier": 1.1,
+    "sample_rate": 0.032,
+    "num_records": 1000,
+    "accountant": "rdp",
+    "planned_steps": 300,
+}
+
+
+def test_the_written_record_is_the_plan_and_the_history_and_nothing_else(tmp_path):
+    ledger = _ledger()
+    ledger.spend(37)
+    record = {
+        **PLAN,
+        "history_noise_multipliers": [1.1],
+        "history_sample_rates": [0.032],
+        "history_steps": [37],
+    }
+    assert ledger.to_dict() == record
+    path = tmp_path / "run" / "privacy" / "site-0.json"  # folders that do not exist yet
+    ledger.save(path)
+    assert json.loads(path.read_text(encoding="utf-8")) == record
+    ledger.spend(3)
+    ledger.save(path)  # the second save replaces the first and leaves no temporary file
+    assert json.loads(path.read_text(encoding="utf-8"))["history_steps"] == [40]
+    assert [p.name for p in path.parent.iterdir()] == ["site-0.json"]
+
+
+def test_the_summary_entry_is_the_whole_spent_budget():
+    ledger = _ledger()
+    ledger.spend(300)
+    assert ledger.summary() == {
+        "epsilon": ledger.epsilon(),
+        "delta": 1e-5,
+        "noise_multiplier": 1.1,
+        "sample_rate": 0.032,
+        "steps": 300,
+        "accountant": "rdp",
+    }
+
+
+@pytest.mark.parametrize("key", sorted(PLAN))
+def test_a_saved_ledger_without_a_plan_key_is_refused_by_name(key):
+    data = {k: v for k, v in PLAN.items() if k != key}
+    with pytest.raises(ValueError) as err:
+        SiteLedger.from_dict(data)
+    assert str(err.value) == f"The saved privacy ledger lacks [{key!r}]."
+
+
+def test_a_saved_ledger_without_history_has_spent_nothing():
+    restored = SiteLedger.from_dict(PLAN)
+    assert restored == _ledger() and restored.history == [] and restored.epsilon() == 0.0
+
+
+@pytest.mark.parametrize(
+    "odd", ["history_noise_multipliers", "history_sample_rates", "history_steps"]
+)
+def test_history_lists_of_different_lengths_are_refused(odd):
+    data = {
+        **PLAN,
+        "history_noise_multipliers": [1.1],
+        "history_sample_rates": [0.032],
+        "history_steps": [37],
+    }
+    data[odd] = data[odd] * 2
+    with pytest.raises(ValueError) as err:
+        SiteLedger.from_dict(data)
+    assert str(err.value) == "The saved privacy ledger's history lists differ in length."
+
+
+def test_a_restored_history_is_composed_as_saved():
+    data = {
+        **PLAN,
+        "history_noise_multipliers": [2.0, 1.1],
+        "history_sample_rates": [0.064, 0.032],
+        "history_steps": [10, 20],
+    }
+    restored = SiteLedger.from_dict(data)
+    assert restored.history == [(2.0, 0.064, 10), (1.1, 0.032, 20)]
+    assert restored.steps == 30
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"target_epsilon": 0.0}, "privacy.epsilon must be positive, got 0.0."),
+        ({"delta": 0.0}, "privacy.delta must be in (0, 1), got 0.0."),
+        ({"delta": 1.0}, "privacy.delta must be in (0, 1), got 1.0."),
+        ({"sample_rate": 1.5}, "The sample rate must be in (0, 1], got 1.5."),
+        ({"noise_multiplier": 0.0}, "The noise multiplier must be positive, got 0.0."),
+        ({"noise_multiplier": -1.0}, "The noise multiplier must be positive, got -1.0."),
+        ({"noise_multiplier": math.inf}, "The noise multiplier must be positive, got inf."),
+        ({"noise_multiplier": math.nan}, "The noise multiplier must be positive, got nan."),
+    ],
+)
+def test_a_budget_out_of_range_is_refused_in_one_sentence(changes, message):
+    with pytest.raises(ValueError) as err:
+        SiteLedger(**(PLAN | changes))
+    assert str(err.value) == message
+
+
+def test_an_epsilon_and_a_noise_multiplier_below_one_are_accepted():
+    ledger = SiteLedger(**(PLAN | {"target_epsilon": 0.5, "noise_multiplier": 0.5}))
+    assert (ledger.target_epsilon, ledger.noise_multiplier) == (0.5, 0.5)
+
+
+def test_spending_no_steps_spends_nothing():
+    ledger = _ledger()
+    ledger.spend(0)
+    assert ledger.history == [] and ledger.epsilon() == 0.0
+    with pytest.raises(ValueError) as err:
+        ledger.spend(-3)
+    assert str(err.value) == "Cannot spend a negative number of steps (-3)."
+
+
+def test_a_round_that_spends_exactly_the_budget_is_affordable():
+    exact = _ledger().epsilon(extra_steps=300)
+    ledger = _ledger(epsilon=exact)
+    assert ledger.can_afford(300)
+    assert not ledger.can_afford(301)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_the_epsilon_of_steps_ahead_is_the_epsilon_once_they_are_spent(accountant):
+    ledger = _ledger(accountant=accountant)
+    ledger.spend(40)
+    ahead = ledger.epsilon(extra_steps=60)
+    ledger.spend(60)
+    assert ledger.epsilon() == ahead
+    # After a resume at other noise, the steps ahead are composed after the saved ones.
+    data = ledger.to_dict() | {"noise_multiplier": 1.3}
+    resumed = SiteLedger.from_dict(data)
+    ahead = resumed.epsilon(extra_steps=25)
+    resumed.spend(25)
+    assert resumed.history == [(1.1, 0.032, 100), (1.3, 0.032, 25)]
+    assert resumed.epsilon() == ahead
+
+
+def test_steps_per_round_are_local_epochs_times_the_steps_of_an_epoch():
+    assert _ledger().steps_per_round(2) == 2 * 31
+
+
+def test_the_optimizer_hook_refusal_names_both_noise_multipliers():
+    ledger = _ledger()
+    optimizer = _dp_optimizer(0.5)
+    optimizer.attach_step_hook(ledger.optimizer_hook())
+    with pytest.raises(ValueError) as err:
+        optimizer.step()
+    assert str(err.value) == "The optimizer adds noise 0.5, the ledger planned 1.1."
+
+
+def test_the_refusal_of_a_changed_budget_names_every_change_and_the_remedy():
+    saved = _ledger()
+    budget = {"target_epsilon": 10.0, "delta": 1e-6, "accountant": "prv", "sample_rate": 0.032}
+    budget["num_records"] = 1000
+    with pytest.raises(ValueError) as err:
+        saved.check_same_budget(budget)
+    assert str(err.value) == (
+        "This site's privacy budget changed during the run (delta 1e-05 -> 1e-06, accountant "
+        "rdp -> prv); a ledger cannot be restarted mid-run. Start a new run (new output_dir) "
+        "instead."
+    )
+
+
+def _calibration_spy(monkeypatch):
+    asked = []
+
+    def calibrated(*args):
+        asked.append(args)
+        return 0.9
+
+    monkeypatch.setattr(ledger_module, "noise_multiplier_for", calibrated)
+    return asked
+
+
+def test_a_config_with_every_setting_plans_exactly_those(monkeypatch):
+    asked = _calibration_spy(monkeypatch)
+    privacy = {"epsilon": 3, "delta": 1e-3, "accountant": "rdp", "noise_multiplier": 0.8}
+    train = {"batch_size": 10, "local_epochs": 3}
+    ledger = SiteLedger.from_config(privacy, train, rounds=2, num_records=100)
+    assert ledger.to_dict() == {
+        "target_epsilon": 3.0,
+        "delta": 1e-3,
+        "noise_multiplier": 0.8,
+        "sample_rate": 0.1,
+        "num_records": 100,
+        "accountant": "rdp",
+        "planned_steps": 2 * 3 * 10,
+        "history_noise_multipliers": [],
+        "history_sample_rates": [],
+        "history_steps": [],
+    }
+    assert asked == []  # a fixed noise multiplier is not calibrated
+    assert planned_budget(privacy, train, 100) == {
+        "target_epsilon": 3.0,
+        "delta": 1e-3,
+        "accountant": "rdp",
+        "sample_rate": 0.1,
+        "num_records": 100,
+    }
+
+
+def test_a_config_without_the_optional_settings_plans_the_defaults(monkeypatch):
+    asked = _calibration_spy(monkeypatch)
+    privacy = {"epsilon": 3.0, "delta": None, "noise_multiplier": None}
+    train = {"batch_size": 10, "local_epochs": 3}
+    ledger = SiteLedger.from_config(privacy, train, rounds=2, num_records=100)
+    assert (ledger.delta, ledger.accountant, ledger.noise_multiplier) == (1e-3, "prv", 0.9)
+    assert asked == [(3.0, 1e-3, 0.1, 60, "prv")]  # calibrated for the whole planned run
+    assert planned_budget({"epsilon": 3.0}, train, 100) == {
+        "target_epsilon": 3.0,
+        "delta": 1e-3,
+        "accountant": "prv",
+        "sample_rate": 0.1,
+        "num_records": 100,
+    }
+    plain = SiteLedger.plan(
+        target_epsilon=3.0, num_records=100, batch_size=10, rounds=2, local_epochs=3
+    )
+    assert (plain.delta, plain.accountant, plain.noise_multiplier) == (1e-3, "prv", 0.9)
+    with pytest.raises(ValueError, match=r"Unknown privacy\.accountant 'gdp'"):
+        planned_budget({"epsilon": 3.0, "accountant": "gdp"}, train, 100)
+
+
+def test_load_or_plan_takes_the_node_state_alone_and_plans_when_nothing_is_saved(tmp_path):
+    privacy = {"epsilon": 10.0, "delta": 1e-5, "accountant": "rdp", "noise_multiplier": 1.1}
+    train = {"batch_size": 32, "local_epochs": 1}
+    saved = load_or_plan_ledger(privacy, train, rounds=5, num_records=1000)
+    saved.spend(31)
+    from_state = load_or_plan_ledger(privacy, train, 5, 1000, state=saved.to_dict())
+    assert from_state.history == [(1.1, 0.032, 31)]
+    missing_file = tmp_path / "ledger.json"
+    fresh = load_or_plan_ledger(privacy, train, 5, 1000, state={}, path=missing_file)
+    assert fresh.steps == 0 and fresh.planned_steps == 5 * 31
