@@ -1,6 +1,7 @@
 """DP local training: the ledger counts steps, the budget stops a site, public terms skip noise."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,7 +9,14 @@ import torch.nn.functional as F
 
 from fedprompt.learners import create_learner
 from fedprompt.learners.coop import CoOp
-from fedprompt.privacy import SiteLedger, dp_train_local, privacy_summary, resolve_clipping
+from fedprompt.privacy import (
+    DPTrainStats,
+    SiteLedger,
+    dp_train_local,
+    privacy_summary,
+    resolve_clipping,
+)
+from fedprompt.privacy.dp_training import _generators
 
 CLASSES = ["glioma tumor", "meningioma tumor", "pituitary tumor", "normal brain"]
 TRAIN = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "local_epochs": 1, "batch_size": 6}
@@ -187,3 +195,115 @@ def test_a_batch_coupled_loss_trains_one_record_at_a_time_in_exact_mode(miniatur
     stats = dp_train_local(learner, features, labels, TRAIN, PRIVACY, _ledger(), seed=0)
     assert stats.clipping == "exact" and stats.steps > 0
     assert not torch.equal(before["ctx"], learner.trainable_state()["ctx"])
+
+
+def test_metrics_hold_every_privacy_scalar_and_no_string():
+    stats = DPTrainStats(
+        loss=0.5,
+        num_examples=24,
+        steps=4,
+        seconds=1.0,
+        epsilon=2.5,
+        delta=1e-5,
+        noise_multiplier=1.1,
+        sample_rate=0.25,
+        total_steps=8,
+        clipping="exact",
+        budget_exhausted=True,
+    )
+    metrics = stats.metrics()
+    assert metrics == {
+        "dp-epsilon": 2.5,
+        "dp-delta": 1e-5,
+        "dp-noise-multiplier": 1.1,
+        "dp-sample-rate": 0.25,
+        "dp-steps": 8,
+        "dp-budget-exhausted": 1,
+    }
+    assert type(metrics["dp-budget-exhausted"]) is int
+    assert replace(stats, budget_exhausted=False).metrics()["dp-budget-exhausted"] == 0
+
+
+def test_privacy_summary_is_typed_from_the_reported_scalars():
+    reported = {
+        "dp-epsilon": 3,
+        "dp-delta": 1e-5,
+        "dp-noise-multiplier": 2,
+        "dp-sample-rate": 0.5,
+        "dp-steps": 12.0,
+        "dp-budget-exhausted": 0,
+    }
+    summary = privacy_summary(reported, "prv")
+    assert summary == {
+        "epsilon": 3.0,
+        "delta": 1e-5,
+        "noise_multiplier": 2.0,
+        "sample_rate": 0.5,
+        "steps": 12,
+        "accountant": "prv",
+    }
+    assert [type(value) for value in summary.values()] == [float, float, float, float, int, str]
+
+
+def _draws(generators):
+    sampling, noise = generators
+    return torch.rand(4, generator=sampling), torch.rand(4, generator=noise)
+
+
+def test_deterministic_generators_follow_the_seed_and_entropy_ones_do_not():
+    cpu = torch.device("cpu")
+    sampling, noise = _draws(_generators(5, True, cpu))
+    again = _draws(_generators(5, True, cpu))
+    assert torch.equal(sampling, again[0]) and torch.equal(noise, again[1])
+    assert not torch.equal(sampling, noise)  # two streams, not one drawn twice
+    other = _draws(_generators(6, True, cpu))
+    assert not torch.equal(sampling, other[0]) and not torch.equal(noise, other[1])
+    # Neither stream is the seed's own torch stream, which the view choice draws from.
+    assert not torch.equal(sampling, torch.rand(4, generator=torch.Generator().manual_seed(5)))
+    first, second = _draws(_generators(5, False, cpu)), _draws(_generators(5, False, cpu))
+    assert not torch.equal(first[0], second[0]) and not torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], first[1])
+
+
+def test_a_ledger_for_another_site_is_refused_in_one_sentence(miniature_backbone):
+    features, labels = _site(miniature_backbone)
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    with pytest.raises(ValueError) as error:
+        dp_train_local(learner, features, labels, TRAIN, PRIVACY, _ledger(n=30), seed=0)
+    assert str(error.value) == (
+        "The site holds 24 training records but its privacy ledger was planned for 30; the "
+        "sampling rate and epsilon would be wrong."
+    )
+
+
+def test_a_learner_with_nothing_to_train_is_refused(miniature_backbone):
+    features, labels = _site(miniature_backbone)
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    learner.ctx.requires_grad_(False)
+    with pytest.raises(ValueError) as error:
+        dp_train_local(learner, features, labels, TRAIN, PRIVACY, _ledger(), seed=0)
+    assert str(error.value) == "CoOp has nothing to train; skip its local training."
+
+
+class PatchReader(CoOp):
+    required_inputs = ("patch_tokens",)
+
+
+def test_missing_patch_tokens_are_refused_before_any_step(miniature_backbone):
+    features, labels = _site(miniature_backbone)
+    ledger = _ledger()
+    with pytest.raises(ValueError) as error:
+        dp_train_local(
+            PatchReader(miniature_backbone, CLASSES), features, labels, TRAIN, PRIVACY, ledger, 0
+        )
+    assert str(error.value) == "PatchReader needs patch tokens but none were cached for this site."
+    assert ledger.steps == 0
+
+
+def test_a_non_finite_private_loss_stops_training_in_one_sentence(miniature_backbone):
+    features, labels = _site(miniature_backbone, n=12)
+    features[:] = float("nan")
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    with pytest.raises(FloatingPointError) as error:
+        dp_train_local(learner, features, labels, TRAIN, PRIVACY, _ledger(n=12), seed=0)
+    assert str(error.value) == "The private training loss became nan at step 1; lower train.lr."

@@ -1,5 +1,7 @@
 """Exact per-sample DP clipping equals a loop over single samples, for any learner."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,3 +150,73 @@ def test_clipping_mode_follows_the_learner_flags(miniature_backbone):
         resolve_clipping(extra, "text_features")
     extra.private_sample_losses = lambda similarities, labels, image_features: similarities[:, 0]
     assert resolve_clipping(extra, "auto") == "text_features"
+
+
+class ViewsAndSpare(CoOp):
+    """A loss with a per-record extra input, and a trainable tensor its loss never reaches."""
+
+    required_inputs = ("views",)
+
+    def __init__(self, backbone, classnames):
+        super().__init__(backbone, classnames)
+        self.spare = torch.nn.Parameter(torch.ones(3))
+
+    def loss(self, image_features, labels, views):
+        mixed = F.normalize(image_features + views.mean(dim=1), dim=-1)
+        return F.cross_entropy(self(mixed), labels)
+
+
+@pytest.mark.parametrize("method", ["loop", "vmap"])
+def test_each_record_gets_its_own_extras_and_unused_tensors_get_zero(miniature_backbone, method):
+    learner = ViewsAndSpare(miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone, n=3, seed=4)
+    generator = torch.Generator().manual_seed(6)
+    views = F.normalize(
+        torch.randn(3, 2, miniature_backbone.embed_dim, generator=generator), dim=-1
+    )
+    grads, losses = per_sample_gradients(learner, features, labels, {"views": views}, method=method)
+    assert set(grads) == {"ctx", "spare"}
+    assert torch.equal(grads["spare"], torch.zeros(3, 3))
+    for row in range(3):
+        loss = learner.loss(features[row : row + 1], labels[row : row + 1], views[row : row + 1])
+        (want,) = torch.autograd.grad(loss, learner.ctx)
+        _assert_close_to_scale(grads["ctx"][row], want)
+        torch.testing.assert_close(losses[row], loss.detach())
+
+
+class DataDependent(CoOp):
+    """A loss with data-dependent control flow, which ``torch.func.vmap`` cannot run."""
+
+    def loss(self, image_features, labels):
+        if labels.sum().item() < 0:
+            raise AssertionError("unreachable")
+        return super().loss(image_features, labels)
+
+
+def test_auto_falls_back_to_one_backward_per_record_and_says_so(miniature_backbone, caplog):
+    learner = DataDependent(miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone, n=3, seed=5)
+    expected = _loop_over_samples(learner, features, labels)["ctx"]
+    clipper = ExactClipping(
+        learner,
+        noise_multiplier=0.0,
+        max_grad_norm=1e9,
+        expected_batch_size=3,
+        noise_generator=None,
+        step_hook=lambda optimizer: None,
+    )
+    with caplog.at_level("WARNING", logger="fedprompt.privacy.per_sample_gradients"):
+        loss = clipper.private_gradient(features, labels, {})
+    assert clipper.method == "loop"
+    _assert_close_to_scale(learner.ctx.grad, expected.sum(dim=0) / 3)
+    torch.testing.assert_close(loss, F.cross_entropy(learner(features), labels, reduction="sum"))
+    (record,) = caplog.records
+    assert re.fullmatch(
+        r"DataDependent's loss cannot run under torch\.func\.vmap \([^\n]+\); exact DP clipping "
+        r"falls back to one backward pass per record\.",
+        record.getMessage(),
+    )
+    caplog.clear()
+    clipper.private_gradient(features, labels, {})  # decided once: no second attempt, no log
+    assert clipper.method == "loop" and not caplog.records
+    clipper.close()
