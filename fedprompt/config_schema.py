@@ -62,44 +62,43 @@ class Rule:
             int: "an integer",
             float: "a finite number",
             bool: "true or false",
-            list: "a list of names",
+            list: "a list of distinct names",
         }.get(self.kind, "a string")
         bounds = []
         if self.low is not None:
-            bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+            bounds.append(f"{'>' if self.low_open else '>='} {_number(self.low)}")
         if self.high is not None:
-            bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+            bounds.append(f"{'<' if self.high_open else '<='} {_number(self.high)}")
         text = noun + (" " + " and ".join(bounds) if bounds else "")
         if self.nullable:
             text += ", or null"
         return text + (f" ({self.hint})" if self.hint else "")
 
-    def problem(self, value: Any) -> str | None:
-        """Why ``value`` breaks the rule, or None."""
+    def allows(self, value: Any) -> bool:
+        """Whether ``value`` meets the rule (``allowed()`` says the same in words)."""
         if value is None:
-            return None if self.nullable else "it is null"
+            return self.nullable
         if self.kind is bool:
-            return None if isinstance(value, bool) else "it is not true or false"
+            return isinstance(value, bool)
         if self.kind is list:
-            ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
-            if not ok:
-                return "it is not a list of names"
-            return "it names a site twice" if len(set(value)) < len(value) else None
+            names = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+            return names and len(set(value)) == len(value)
         if self.kind is str:
-            if not isinstance(value, str):
-                return "it is not a string"
-            return None if not self.choices or value in self.choices else "it is not a choice"
+            return isinstance(value, str) and (not self.choices or value in self.choices)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return "it is not a number"
+            return False
         if self.kind is int and not float(value).is_integer():
-            return "it is not an integer"
+            return False
         if not math.isfinite(value):
-            return "it is not finite"
+            return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return "it is too small"
-        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
-            return "it is too large"
-        return None
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+
+def _number(bound: float) -> str:
+    """A bound as the user types it: ``2147483648``, not ``2.14748e+09``."""
+    return str(int(bound)) if float(bound).is_integer() else repr(float(bound))
 
 
 COMMON: tuple[Rule, ...] = (
@@ -263,10 +262,10 @@ CONTEXT_SCHEMES = ("promptfolio", "fedpgp", "fedotp")
 """Personalizations that splice a site's own tensors into the method's context."""
 
 SECURE_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+"""Strategies that need only the weighted mean of the updates, which SecAgg+ yields."""
 
 RAY_ADDRESS = re.compile(r"[A-Za-z0-9.\-]+:\d{1,5}")
 """``federation.ray_address``: a head's host name or IPv4 address, and its port."""
-"""Strategies that need only the weighted mean of the updates, which SecAgg+ yields."""
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
@@ -497,7 +496,7 @@ def check_config(cfg: DictConfig) -> None:
     """
     for rule in rules_for(cfg):
         value = _value(cfg, rule.key)
-        if rule.problem(value) is not None:
+        if not rule.allows(value):
             shown = "null" if value is None else value
             raise ConfigError(f"{rule.key}={shown} is not allowed: use {rule.allowed()}.")
     problem = _cross_checks(cfg)

@@ -1,12 +1,17 @@
 """The one validation pass: every bad value is one sentence naming the key, the value and the
 allowed range, before anything starts; keys that must agree are checked together."""
 
+import copy
+import math
+import re
+
 import pytest
+from omegaconf import OmegaConf
 
 from fedprompt.backbones.preprocessing import NORMALIZATIONS
 from fedprompt.cli import main
 from fedprompt.config import ConfigError, compose_config
-from fedprompt.config_schema import COMMON, MIN_DP_RECORDS, check_config, check_site_sizes
+from fedprompt.config_schema import COMMON, check_config, check_site_sizes
 
 
 @pytest.mark.parametrize("experiment", ["quickstart", "btmri_5sites"])
@@ -136,7 +141,7 @@ def test_sites_too_small_for_dp_or_a_delta_at_one_over_n_are_refused():
     dp = compose_config("quickstart", ["privacy=dpsgd"])
     check_site_sizes(dp, {"site-0": 40, "site-1": 40})
     with pytest.raises(
-        ConfigError, match=f"site-1 holds 6 training images, fewer than the {MIN_DP_RECORDS}"
+        ConfigError, match="site-1 holds 6 training images, fewer than the 10 DP-SGD needs"
     ):
         check_site_sizes(dp, {"site-0": 40, "site-1": 6})
     with pytest.raises(
@@ -181,3 +186,206 @@ def test_the_cli_refuses_with_status_2_and_writes_no_results_folder(tmp_path, ca
 def test_the_normalization_choices_are_the_feature_pipelines():
     rule = next(rule for rule in COMMON if rule.key == "features.normalization")
     assert rule.choices == tuple(NORMALIZATIONS)
+
+
+# Every checked key and what it may hold, as the refusal words it: the specification the schema's
+# rule tables must meet, written here apart from those tables so that a changed bound, choice or
+# kind shows. A key that only some group files hold names the group that brings its rule.
+ALLOWED = {
+    "seed": "an integer",
+    "federation.mode": "one of simulation, deployment",
+    "federation.num_sites": "an integer >= 1",
+    "federation.rounds": "an integer >= 1",
+    "federation.fraction_train": "a finite number > 0 and <= 1",
+    "federation.fraction_evaluate": "a finite number > 0 and <= 1",
+    "federation.min_sites": "an integer >= 1",
+    "federation.connect_timeout": "a finite number >= 0 (seconds)",
+    "federation.round_timeout": "a finite number > 0 (seconds)",
+    "federation.max_update_ratio": "a finite number >= 1",
+    "federation.client_cpus": "a finite number > 0",
+    "federation.client_gpus": "a finite number >= 0",
+    "federation.ray_address": "a string, or null",
+    "federation.sites": "a list of distinct names, or null",
+    "federation.secure_aggregation": "true or false",
+    "federation.secagg.num_shares": "a finite number > 0",
+    "federation.secagg.reconstruction_threshold": "a finite number > 0",
+    "federation.secagg.max_weight": "a finite number > 0, or null",
+    "federation.secagg.clipping_range": "a finite number > 0",
+    "federation.secagg.quantization_range": "an integer >= 2 and <= 2147483648",
+    "train.shots": "an integer >= 0 (images per class; 0 means every image)",
+    "train.local_epochs": "an integer >= 1",
+    "train.batch_size": "an integer >= 1",
+    "train.optimizer": "one of sgd, adamw",
+    "train.lr": "a finite number > 0",
+    "train.momentum": "a finite number >= 0 and < 1",
+    "train.weight_decay": "a finite number >= 0",
+    "train.lr_schedule": "one of constant, cosine",
+    "train.lr_step": "one of epoch, batch",
+    "train.warmup_epochs": "an integer >= 0 (epochs of the run, counted across rounds)",
+    "train.warmup_lr": "a finite number > 0",
+    "recipe.name": "one of federated, paper",
+    "personalization.name": "one of none, local_only, finetune, promptfolio, fedpgp, fedotp",
+    "evaluation.central": "true or false",
+    "evaluation.membership_inference": "true or false",
+    "evaluation.share_site_histograms": "true or false",
+    "features.views": "an integer >= 1",
+    "features.batch_size": "an integer >= 1",
+    "features.num_workers": "an integer >= 0",
+    "features.memory_mb": "a finite number >= 0",
+    "features.patch_tokens_budget_mb": "a finite number >= 0",
+    "features.normalization": "one of backbone, imagenet",
+    "evaluation.holdout_sites": "an integer >= 0",
+    "evaluation.unseen_datasets": "a list of distinct names",
+    "federation.site_datasets": "a list of distinct names, or null",
+    "method.n_ctx": "an integer >= 1",
+    "method.ctx_init": "a string",
+    "method.template": "a string",
+    "method.class_specific": "true or false",
+    "method.trim_padding": "true or false",
+    "method.text_dropout": "true or false",
+    "method.paired_cosine": "true or false",
+    "method.renormalize": "true or false",
+    "method.solver": "one of sgd, lbfgs",
+    "method.use_descriptions": "true or false",
+    "method.descriptions": "a string, or null",
+    **{
+        f"method.{name}": "a finite number >= 0"
+        for name in (
+            "sccm_weight",
+            "kdsp_weight",
+            "gad_weight",
+            "lgd_weight",
+            "kg_weight",
+            "entropy_weight",
+            "kd_weight",
+            "view_kd_weight",
+            "cosine_weight",
+            "anchor_weight",
+            "contrastive_weight",
+            "sce_alpha",
+            "sce_beta",
+            "strength",
+            "alpha",
+        )
+    },
+    **{
+        f"method.{n}": "a finite number > 0" for n in ("tau", "temperature", "tau_start", "tau_end")
+    },
+    "method.gamma": "a finite number >= 0 and <= 1",
+    **{
+        f"method.{n}": "a finite number > 0 and <= 1" for n in ("top_k_ratio", "top_ratio", "ratio")
+    },
+    **{
+        f"method.{n}": "an integer >= 1"
+        for n in ("bank_size", "reduction", "anneal_steps", "images_per_pass")
+    },
+    "dataset.test_fraction": "a finite number >= 0 and < 1",
+    "dataset.val_fraction": "a finite number >= 0 and < 1",
+    "dataset.download": "true or false",
+    "dataset.synthetic_fallback": "true or false",
+    "dataset.classnames": "a list of distinct names, or null",
+    "dataset.manifest": "a string",
+    "partition.acquisition": "one of none, scanner",
+    "partition=dirichlet partition.alpha": "a finite number > 0 (smaller is more skewed)",
+    "partition=dirichlet partition.min_size": "an integer >= 0",
+    "partition=pathological partition.classes_per_site": "an integer >= 1",
+    "privacy=dpsgd privacy.epsilon": "a finite number > 0",
+    "privacy=dpsgd privacy.delta": "a finite number > 0 and < 1, or null",
+    "privacy=dpsgd privacy.noise_multiplier": "a finite number > 0, or null",
+    "privacy=dpsgd privacy.max_grad_norm": "a finite number > 0",
+    "privacy=dpsgd privacy.accountant": "one of prv, rdp",
+    "privacy=dpsgd privacy.clipping": "one of auto, text_features, exact",
+    "privacy=dpsgd privacy.exact_chunk_size": "an integer >= 1, or null",
+    "privacy=dpsgd privacy.deterministic": "true or false",
+    "privacy=site_level privacy.clipping_norm": "a finite number > 0",
+    "privacy=site_level privacy.noise_multiplier": "a finite number >= 0",
+    "privacy=site_level privacy.delta": "a finite number > 0 and < 1",
+    "privacy=site_level privacy.side": "one of server, client",
+    "personalization=finetune personalization.local_epochs": "an integer >= 1",
+    "personalization=promptfolio personalization.mix": "a finite number >= 0 and <= 1",
+    "personalization=fedpgp personalization.rank": "an integer >= 1",
+    "personalization=fedpgp personalization.weight": "a finite number >= 0",
+    "personalization=fedpgp personalization.temperature": "a finite number > 0",
+    "personalization=fedotp personalization.eps": "a finite number > 0",
+    "personalization=fedotp personalization.mass": "a finite number > 0 and <= 1",
+    "personalization=fedotp personalization.max_iter": "an integer >= 1",
+    "personalization=fedotp personalization.thresh": "a finite number > 0",
+    "strategy=fedprox strategy.proximal_mu": "a finite number >= 0",
+    "strategy=trimmed_mean strategy.beta": "a finite number >= 0 and < 0.5",
+    "strategy=fedadam strategy.eta": "a finite number > 0",
+    "strategy=fedadam strategy.eta_l": "a finite number > 0",
+    "strategy=fedadam strategy.beta_1": "a finite number >= 0 and < 1",
+    "strategy=fedadam strategy.beta_2": "a finite number >= 0 and < 1",
+    "strategy=fedadam strategy.tau": "a finite number > 0",
+}
+BOUND = re.compile(r"(>=|>|<=|<) (-?[\d.]+)")
+
+
+def _probes(allowed: str) -> list[tuple[object, bool]]:
+    """Values on each side of every edge that ``allowed`` states, with whether it admits them."""
+    nullable = allowed.endswith(", or null")
+    probes: list[tuple[object, bool]] = [(None, nullable)]
+    if allowed.startswith("one of "):
+        choices = allowed.removeprefix("one of ").split(", ")
+        return [*probes, *((c, True) for c in choices), ("bogus", False), (1, False)]
+    if allowed == "true or false":
+        return [*probes, (True, True), (False, True), ("true", False), (1, False)]
+    if allowed.startswith("a list of distinct names"):
+        return [*probes, (["a", "b"], True), (["a", "a"], False), ([""], False), ("a", False)]
+    if allowed.startswith("a string"):
+        return [*probes, ("text", True), (3, False), (True, False)]
+    integer = allowed.startswith("an integer")
+    probes += [("3", False), (True, False), (math.inf, False), (math.nan, False)]
+    if integer:
+        probes.append((2.5, False))
+    bounds = BOUND.findall(allowed)
+    if not bounds:
+        return [*probes, (7, True), (-7, True)]
+    for sign, text in bounds:
+        edge = float(text)
+        outward = -math.inf if sign.startswith(">") else math.inf
+        beyond = edge + math.copysign(1, outward) if integer else math.nextafter(edge, outward)
+        inward = -outward
+        within = edge - math.copysign(1, outward) if integer else math.nextafter(edge, inward)
+        at = int(edge) if integer else edge
+        probes += [(at, sign.endswith("=")), (beyond, False), (within, True)]
+    return probes
+
+
+@pytest.fixture(scope="module")
+def base_configs():
+    """The quickstart config under each group that brings rules of its own, composed once."""
+    groups = {spec.split(" ")[0] for spec in ALLOWED if " " in spec}
+    return {
+        group: compose_config("quickstart", [group] if group else []) for group in (*groups, "")
+    }
+
+
+@pytest.mark.parametrize("spec", sorted(ALLOWED))
+def test_every_key_admits_exactly_its_stated_range(spec, base_configs):
+    group, _, key = spec.rpartition(" ")
+    allowed = ALLOWED[spec]
+    for value, admitted in _probes(allowed):
+        cfg = copy.deepcopy(base_configs[group])
+        OmegaConf.set_readonly(cfg, False)
+        OmegaConf.set_struct(cfg, False)
+        OmegaConf.update(cfg, key, value, force_add=True)
+        try:
+            check_config(cfg)
+            refusal = None
+        except ConfigError as err:
+            refusal = str(err)
+        shown = "null" if value is None else value
+        expected = f"{key}={shown} is not allowed: use {allowed}."
+        if admitted:  # another check may still refuse the value, in a sentence of its own
+            assert refusal is None or not refusal.startswith(expected[:-1]), (value, refusal)
+        else:
+            assert refusal == expected, (value, refusal)
+
+
+def test_the_specification_covers_every_rule():
+    from fedprompt.config_schema import BY_GROUP, WHERE_PRESENT
+
+    stated = {spec.rpartition(" ")[2] for spec in ALLOWED}
+    keys = {r.key for r in (*COMMON, *WHERE_PRESENT, *(r for g in BY_GROUP.values() for r in g))}
+    assert keys == stated
