@@ -8,6 +8,10 @@ hospitals' SuperNodes, which run only apps the centre signed, refuse an unsigned
 signed by another key; a SuperNode whose key was never registered is turned away; and `flwr run`
 of two rounds on the miniature backbone, where one hospital's SuperNode is killed (SIGKILL, as a
 power cut) once round 1 is recorded and the run completes with the other two.
+
+nginx, the SuperLink and the SuperNodes bind the ports they are given; a start that finds one
+taken meanwhile is made again on fresh ports (tests/ports.py), which two tests check by holding
+the first port tried.
 """
 
 import hashlib
@@ -27,9 +31,11 @@ from pathlib import Path
 
 import pytest
 from flwr.common.config import flatten_dict
+from ports import FirstPortTaken, raise_if_taken, start_on_free_ports
 from sites_on_disk import write_site
 
 from fedprompt.federation.app_approval import SIGNATURE_FILE, build_fab
+from fedprompt.federation.local_simulation import _listens
 from fedprompt.federation.orchestration import wait_for_sites
 from fedprompt.federation.run_config import default_run_config
 
@@ -72,12 +78,6 @@ def main(grid, context):
         outcome = reply.error.reason if reply.has_error() else "ran"
         log(INFO, "probe reply from %s: %s", reply.metadata.src_node_id, outcome)
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_until(condition, timeout: float, what: str) -> None:
@@ -204,6 +204,56 @@ def _https(port: int, ca: Path, method: str, path: str) -> tuple[int, str]:
         connection.close()
 
 
+def _start_centre(processes: Processes, certs: Path, state: Path, ports: list[int]) -> list[int]:
+    """server/start-superlink.sh on (sites' port, SuperLink's own), once nginx answers there.
+
+    Raises:
+        PortTaken: The centre stopped at start because one of the ports was in use.
+    """
+    public, control = ports
+    superlink = processes.start(
+        "superlink",
+        [
+            str(SERVER / "start-superlink.sh"),
+            *("--certs", str(certs), "--host", "127.0.0.1", "--port", str(public)),
+            *("--control-port", str(control), "--state", str(state)),
+        ],
+    )
+
+    def answered() -> bool:
+        if superlink.poll() is not None:
+            return True
+        try:  # a 403 under the federation's certificate: this centre's nginx, no other server
+            return _https(public, certs / "ca.pem", "GET", "/")[0] == 403
+        except OSError:
+            return False
+
+    _wait_until(answered, 90, "nginx answering on the sites' port")
+    if superlink.poll() is not None:
+        raise_if_taken(processes.log("superlink"))
+        pytest.fail("the centre stopped at start:\n" + processes.log("superlink")[-4000:])
+    return ports
+
+
+def _start_supernode(processes: Processes, name: str, command: list, ports: list[int]) -> int:
+    """sites/start-supernode.sh ``command`` with ``--port``, once its SuperNode listens there.
+
+    Raises:
+        PortTaken: The SuperNode stopped at start because the port was in use.
+    """
+    (port,) = ports
+    process = processes.start(name, [*map(str, command), "--port", str(port)])
+    _wait_until(
+        lambda: process.poll() is not None or _listens(process.pid, port),
+        180,
+        f"{name}'s SuperNode listening on 127.0.0.1:{port}",
+    )
+    if process.poll() is not None:
+        raise_if_taken(processes.log(name))
+        pytest.fail(f"{name}'s SuperNode stopped at start:\n" + processes.log(name)[-4000:])
+    return port
+
+
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("certs") / "certs"
@@ -226,33 +276,10 @@ def centre(tmp_path_factory, certs, backbone_cache_dir):
     (folder / "logs").mkdir()
     processes = Processes(folder / "logs", env)
     try:
-        # Both ports are bound by the processes themselves; another process may take a port
-        # between choosing and binding it, so the start is retried on "address already in use".
-        for _ in range(5):
-            public, control = _free_port(), _free_port()
-            superlink = processes.start(
-                "superlink",
-                [
-                    str(SERVER / "start-superlink.sh"),
-                    *("--certs", str(certs), "--host", "127.0.0.1", "--port", str(public)),
-                    *("--control-port", str(control), "--state", str(folder / "state")),
-                ],
-            )
-
-            def answered(port=public, process=superlink) -> bool:
-                if process.poll() is not None:
-                    return True
-                try:
-                    return _https(port, certs / "ca.pem", "GET", "/")[0] == 403
-                except OSError:
-                    return False
-
-            _wait_until(answered, 90, "nginx answering on the sites' port")
-            if superlink.poll() is None:
-                break
-            assert "already in use" in processes.log("superlink"), processes.log("superlink")
-        else:
-            pytest.fail("no free pair of ports in 5 tries")
+        # nginx and the SuperLink bind their ports themselves (tests/ports.py).
+        public, control = start_on_free_ports(
+            lambda ports: _start_centre(processes, certs, folder / "state", ports), count=2
+        )
 
         operator = Centre(
             folder, env, certs, public, control, processes, folder / "app", folder / "trusted-apps"
@@ -291,15 +318,16 @@ def hospitals(centre, tmp_path_factory, miniature_backbone) -> dict[str, Path]:
         )
     for name in HOSPITALS:
         check = [] if name == "hospital-a" else ["--skip-check"]
-        centre.processes.start(
-            name,
-            [
-                str(SITES / "start-supernode.sh"),
-                *("--config", str(configs[name]), "--superlink", f"127.0.0.1:{centre.public_port}"),
-                *("--ca", str(centre.certs / "ca.pem"), "--trusted-apps", str(centre.trusted)),
-                *("--key", str(configs[name].parent / "keys" / name)),
-                *("--port", str(_free_port()), *check),
-            ],
+        command = [
+            SITES / "start-supernode.sh",
+            *("--config", configs[name], "--superlink", f"127.0.0.1:{centre.public_port}"),
+            *("--ca", centre.certs / "ca.pem", "--trusted-apps", centre.trusted),
+            *("--key", configs[name].parent / "keys" / name, *check),
+        ]
+        start_on_free_ports(
+            lambda ports, name=name, command=command: _start_supernode(
+                centre.processes, name, command, ports
+            )
         )
 
     def all_online() -> bool:
@@ -415,6 +443,57 @@ def test_the_centre_does_not_start_on_a_port_in_use(certs, tmp_path):
         port = taken.getsockname()[1]
         done = _attempt([*start, "--control-port", port], env)
     assert done.returncode == 1 and f"127.0.0.1:{port} is already in use" in done.stderr
+
+
+@needs_nginx
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_the_centre_starts_again_when_a_port_was_taken_before_nginx_bound_it(certs, tmp_path):
+    # Another process holds the first sites' port tried: the race picking a port leaves.
+    (tmp_path / "logs").mkdir()
+    processes = Processes(tmp_path / "logs", _env(tmp_path / "flwr-home", tmp_path))
+    try:
+        with FirstPortTaken() as choose:
+            public, _ = start_on_free_ports(
+                lambda ports: _start_centre(processes, certs, tmp_path / "state", ports),
+                count=2,
+                choose=choose,
+            )
+            assert len(choose.tried) == 2 and choose.tried[0][0] == choose.port != public
+        # The first start's SuperLink stopped with its nginx, leaving nothing on its port.
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", choose.tried[0][1])) != 0
+    finally:
+        processes.stop_all()
+
+
+@needs_ssh_keygen
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_supernode_starts_again_when_its_port_was_taken_before_it_bound_it(certs, tmp_path):
+    env = {**_env(tmp_path / "flwr-home", tmp_path), "TMPDIR": str(tmp_path)}
+    config = write_site(tmp_path, "hospital-x")
+    _run([SITES / "make-site-key.sh", "--name", "hospital-x", "--out", tmp_path / "keys"], env)
+    public_key = " ".join((tmp_path / "keys/hospital-x.pub").read_text().split()[:2])
+    trusted = tmp_path / "trusted-apps"
+    trusted.write_text(f'centre@fedprompt namespaces="fedprompt-app" {public_key}\n')
+    command = [
+        SITES / "start-supernode.sh",
+        # No SuperLink listens on port 1: the SuperNode keeps trying to reach it.
+        *("--config", config, "--superlink", "127.0.0.1:1", "--ca", certs / "ca.pem"),
+        *("--trusted-apps", trusted, "--key", tmp_path / "keys/hospital-x", "--skip-check"),
+    ]
+    (tmp_path / "logs").mkdir()
+    processes = Processes(tmp_path / "logs", env)
+    try:
+        with FirstPortTaken() as choose:
+            port = start_on_free_ports(
+                lambda ports: _start_supernode(processes, "hospital-x", command, ports),
+                choose=choose,
+            )
+            assert choose.tried == [[choose.port], [port]] and port != choose.port
+    finally:
+        processes.stop_all()
 
 
 @needs_nginx
@@ -588,15 +667,21 @@ def test_sites_refuse_an_unsigned_app_and_one_signed_by_another_key(centre, hosp
 def test_a_supernode_whose_key_is_not_registered_is_turned_away(centre, tmp_path):
     config = write_site(tmp_path, "intruder")
     _run([SITES / "make-site-key.sh", "--name", "intruder", "--out", tmp_path / "keys"], centre.env)
-    intruder = _attempt(
-        [
-            SITES / "start-supernode.sh",
-            *("--config", config, "--superlink", f"127.0.0.1:{centre.public_port}"),
-            *("--ca", centre.certs / "ca.pem", "--trusted-apps", centre.trusted),
-            *("--key", tmp_path / "keys/intruder", "--port", _free_port(), "--skip-check"),
-        ],
-        centre.env,
-    )
+
+    def attempt(ports: list[int]) -> subprocess.CompletedProcess:
+        done = _attempt(
+            [
+                SITES / "start-supernode.sh",
+                *("--config", config, "--superlink", f"127.0.0.1:{centre.public_port}"),
+                *("--ca", centre.certs / "ca.pem", "--trusted-apps", centre.trusted),
+                *("--key", tmp_path / "keys/intruder", "--port", ports[0], "--skip-check"),
+            ],
+            centre.env,
+        )
+        raise_if_taken(done.stdout + done.stderr)
+        return done
+
+    intruder = start_on_free_ports(attempt)
     # What sites/README.md tells a hospital: Flower's code 305 is printed, the status is 1.
     output = intruder.stdout + intruder.stderr
     assert intruder.returncode == 1, output
