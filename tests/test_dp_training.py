@@ -185,14 +185,19 @@ class BatchCentred(CoOp):
         return F.cross_entropy(centred, labels)
 
 
-def test_a_batch_coupled_loss_trains_one_record_at_a_time_in_exact_mode(miniature_backbone):
+def test_a_batch_coupled_loss_trains_one_record_at_a_time_in_exact_mode(miniature_backbone, caplog):
     learner = BatchCentred(miniature_backbone, CLASSES)
     assert resolve_clipping(learner, "auto") == "exact"
     with pytest.raises(ValueError, match="clipping=exact"):
         resolve_clipping(learner, "text_features")
     features, labels = _site(miniature_backbone)
     before = learner.trainable_state()
-    stats = dp_train_local(learner, features, labels, TRAIN, PRIVACY, _ledger(), seed=0)
+    with caplog.at_level("INFO", logger="fedprompt.privacy.dp_training"):
+        stats = dp_train_local(learner, features, labels, TRAIN, PRIVACY, _ledger(), seed=0)
+    assert [record.getMessage() for record in caplog.records] == [
+        "BatchCentred under DP-SGD, one record at a time: the logits are centred over the record "
+        "itself."
+    ]
     assert stats.clipping == "exact" and stats.steps > 0
     assert not torch.equal(before["ctx"], learner.trainable_state()["ctx"])
 
@@ -307,3 +312,18 @@ def test_a_non_finite_private_loss_stops_training_in_one_sentence(miniature_back
     with pytest.raises(FloatingPointError) as error:
         dp_train_local(learner, features, labels, TRAIN, PRIVACY, _ledger(n=12), seed=0)
     assert str(error.value) == "The private training loss became nan at step 1; lower train.lr."
+
+
+def test_privacy_defaults_are_auto_clipping_norm_one_and_fresh_entropy(miniature_backbone):
+    features, labels = _site(miniature_backbone, n=12)
+
+    def trained(privacy, seed=0):
+        learner = create_learner("coop", miniature_backbone, CLASSES)
+        stats = dp_train_local(learner, features, labels, TRAIN, privacy, _ledger(n=12), seed)
+        return stats, learner.ctx.detach().clone()
+
+    stats, implicit = trained({"deterministic": True})
+    _, explicit = trained({"deterministic": True, "clipping": "auto", "max_grad_norm": 1.0})
+    assert stats.clipping == "text_features" and torch.equal(implicit, explicit)
+    # Unless asked to be deterministic, the same seed gives other draws (noise and sampling).
+    assert not torch.equal(trained({})[1], trained({})[1])

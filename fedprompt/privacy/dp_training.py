@@ -143,9 +143,12 @@ def dp_train_local(
     if not any(p.requires_grad for p in learner.parameters()):
         raise ValueError(f"{type(learner).__name__} has nothing to train; skip its local training.")
     clipping = resolve_clipping(learner, str(privacy_cfg.get("clipping", "auto")))
-    note = getattr(learner, "record_loss_note", None)
-    if not getattr(learner, "per_sample_loss", True) and note:
-        logger.info("%s under DP-SGD, one record at a time: %s.", type(learner).__name__, note)
+    if not learner.per_sample_loss:  # resolve_clipping refused it unless it has a note
+        logger.info(
+            "%s under DP-SGD, one record at a time: %s.",
+            type(learner).__name__,
+            learner.record_loss_note,
+        )
     local_epochs = int(train_cfg["local_epochs"])
     round_steps = ledger.steps_per_round(local_epochs)
 

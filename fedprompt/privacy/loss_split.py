@@ -105,8 +105,8 @@ def resolve_clipping(learner: Learner, clipping: str) -> ClippingMode:
     if clipping not in CLIPPING_MODES:
         raise ValueError(f"Unknown privacy.clipping {clipping!r}; use one of {CLIPPING_MODES}.")
     name = type(learner).__name__
-    if not getattr(learner, "per_sample_loss", True):
-        if not getattr(learner, "record_loss_note", None):
+    if not learner.per_sample_loss:
+        if not learner.record_loss_note:
             raise ValueError(
                 f"{name}'s loss is not a mean of per-record terms, so DP-SGD cannot bound one "
                 "record's influence by clipping; it cannot train with privacy=dpsgd."
@@ -117,7 +117,7 @@ def resolve_clipping(learner: Learner, clipping: str) -> ClippingMode:
                 "at a time, which needs privacy.clipping=exact (or auto)."
             )
         return "exact"
-    text_feature_only = bool(getattr(learner, "text_feature_only", True))
+    text_feature_only = learner.text_feature_only
     terms_known = has_text_feature_losses(learner)
     if clipping == "auto":
         return "text_features" if text_feature_only and terms_known else "exact"
@@ -143,4 +143,4 @@ def has_text_feature_losses(learner: Learner) -> bool:
     """
     if getattr(learner, "private_sample_losses", None) is not None:
         return True
-    return getattr(type(learner), "loss", None) is Learner.loss
+    return type(learner).loss is Learner.loss
