@@ -25,7 +25,7 @@ from fedprompt.federation.client_app import app
 from fedprompt.federation.inprocess_grid import InProcessGrid
 from fedprompt.federation.orchestration import run_federation
 from fedprompt.federation.run_config import default_run_config
-from fedprompt.federation.validation import UpdateValidation
+from fedprompt.federation.validation import UpdateValidation, metrics_problem
 
 SHAPE = (2, 3)
 REFERENCE = ArrayRecord({"ctx": Array(np.zeros(SHAPE, np.float32))})
@@ -370,3 +370,406 @@ def test_held_out_sites_never_train_and_score_the_global_prompt(tmp_path, person
         s["num_test"] for s in trained
     )
     assert final["federated_accuracy"] == pytest.approx(weighted)
+
+
+# The refusals are contracts: each is one sentence naming the key, the value and the expectation.
+EXACT_REASONS = {
+    "no array record": (
+        lambda n: Message(
+            RecordDict({"metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5})}),
+            reply_to=instruction(n, MessageType.TRAIN),
+        ),
+        "it carries 0 array records where a train reply carries one",
+    ),
+    "two array records": (
+        _two_records,
+        "it carries 2 array records where a train reply carries one",
+    ),
+    "other keys": (
+        BAD_REPLIES["other keys"][0],
+        "its tensors are ['ctx', 'w'] but the global prompt's are ['ctx']",
+    ),
+    "other shape": (
+        BAD_REPLIES["other shape"][0],
+        "tensor 'ctx' is float32 (3, 2), expected float32 (2, 3)",
+    ),
+    "other dtype": (
+        BAD_REPLIES["other dtype"][0],
+        "tensor 'ctx' is float64 (2, 3), expected float32 (2, 3)",
+    ),
+    "Inf": (BAD_REPLIES["Inf"][0], "tensor 'ctx' holds NaN or Inf"),
+    # The others' norms are sqrt(6) and 2 sqrt(6): their median is 1.5 sqrt(6).
+    "huge update": (
+        BAD_REPLIES["huge update"][0],
+        "its update norm 2449 is above 10 x the other sites' median (3.674)",
+    ),
+    "no examples": (
+        BAD_REPLIES["no examples"][0],
+        "its 'num-examples' is 0, not a positive number",
+    ),
+    "no weight": (
+        lambda n: Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"ctx": Array(np.ones(SHAPE, np.float32))}),
+                    "metrics": MetricRecord({"train-loss": 0.5}),
+                }
+            ),
+            reply_to=instruction(n, MessageType.TRAIN),
+        ),
+        "its 'num-examples' is None, not a positive number",
+    ),
+    "a list for a weight": (
+        lambda n: train_reply(n, num_examples=[5, 5]),
+        "its 'num-examples' is [5, 5], not a positive number",
+    ),
+    "NaN metric": (
+        BAD_REPLIES["NaN metric"][0],
+        "its metric 'train-loss' is nan, not a finite number",
+    ),
+    "other metrics": (
+        BAD_REPLIES["other metrics"][0],
+        "its metrics are ['extra', 'num-examples', 'train-loss'] but the other sites' are "
+        "['num-examples', 'train-loss']",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(EXACT_REASONS))
+def test_each_refusal_of_an_update_is_one_exact_sentence_logged_with_the_site(fault, caplog):
+    make_bad, reason = EXACT_REASONS[fault]
+    rejections = []
+    good = [train_reply(2, value=1.0, num_examples=10), train_reply(3, value=2.0, num_examples=30)]
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = _validator(rejections).aggregate_train(4, [make_bad(9), *good])
+    np.testing.assert_allclose(arrays["ctx"].numpy(), np.full(SHAPE, 1.75, np.float32))
+    assert rejections == [(9, MessageType.TRAIN, reason)]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        f"[fedprompt] round 4: rejected the update of hospital-9: {reason}"
+    ]
+
+
+def test_a_rejected_evaluation_is_logged_as_an_evaluation(caplog):
+    rejections = []
+    replies = [evaluate_reply(2), evaluate_reply(3, accuracy=float("nan"))]
+    with caplog.at_level(logging.WARNING):
+        metrics = _validator(rejections).aggregate_evaluate(7, replies)
+    reason = "its metric 'accuracy' is nan, not a finite number"
+    assert rejections == [(3, MessageType.EVALUATE, reason)]
+    assert metrics["accuracy"] == 0.5
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"[fedprompt] round 7: rejected the evaluation of hospital-3: {reason}"
+    ]
+
+
+def _evaluation(node, metrics, extra_records=()):
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    for name in extra_records:
+        content[name] = MetricRecord(metrics)
+    return Message(content, reply_to=instruction(node, MessageType.EVALUATE))
+
+
+EXACT_EVALUATION_REASONS = {
+    "a negative count": (
+        _evaluation(9, {"num-examples": -1, "accuracy": 0.5}),
+        "its 'num-examples' is -1, not a positive number",
+    ),
+    "no count": (
+        _evaluation(9, {"accuracy": 0.5}),
+        "its 'num-examples' is None, not a positive number",
+    ),
+    "no count and no images, in two records": (
+        _evaluation(9, {"num-examples": 0}, extra_records=["more"]),
+        "it carries 2 metric records where a reply carries exactly one",
+    ),
+    "no metric record": (
+        Message(RecordDict(), reply_to=instruction(9, MessageType.EVALUATE)),
+        "it carries 0 metric records where a reply carries exactly one",
+    ),
+    "tensors": (
+        Message(
+            RecordDict(
+                {
+                    "metrics": MetricRecord({"num-examples": 10, "accuracy": 0.5}),
+                    "arrays": ArrayRecord({"ctx": Array(np.ones(SHAPE, np.float32))}),
+                }
+            ),
+            reply_to=instruction(9, MessageType.EVALUATE),
+        ),
+        "an evaluation reply carries tensors; it must carry metrics only",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(EXACT_EVALUATION_REASONS))
+def test_each_refusal_of_an_evaluation_is_one_exact_sentence(fault):
+    bad, reason = EXACT_EVALUATION_REASONS[fault]
+    rejections = []
+    metrics = _validator(rejections).aggregate_evaluate(1, [evaluate_reply(2, 0.25), bad])
+    assert rejections == [(9, MessageType.EVALUATE, reason)]
+    assert metrics["accuracy"] == 0.25
+
+
+def _flat_validator(rejections, **settings):
+    """A validator of a 4-value prompt of zeros: an update of ``v`` everywhere has norm 2 v."""
+    return UpdateValidation(
+        FedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1),
+        ArrayRecord({"ctx": Array(np.zeros(4, np.float32))}),
+        on_reject=lambda *args: rejections.append(args),
+        **settings,
+    )
+
+
+def _flat_reply(node, value):
+    return train_reply(node, arrays={"ctx": np.full(4, value, np.float32)})
+
+
+def test_an_update_exactly_at_the_limit_is_kept_and_one_just_above_it_rejected(caplog):
+    # Default ratio 10: the others' median norm is 2, so the limit is 20, the norm of 10s.
+    rejections = []
+    replies = [_flat_reply(2, 1.0), _flat_reply(3, 1.0), _flat_reply(4, 10.0)]
+    arrays, _ = _flat_validator(rejections).aggregate_train(1, replies)
+    assert rejections == []
+    np.testing.assert_allclose(arrays["ctx"].numpy(), 4.0)
+    replies = [_flat_reply(2, 1.0), _flat_reply(3, 1.0), _flat_reply(4, 10.25)]
+    with caplog.at_level(logging.WARNING):
+        _flat_validator(rejections).aggregate_train(1, replies)
+    assert rejections == [
+        (4, MessageType.TRAIN, "its update norm 20.5 is above 10 x the other sites' median (2)")
+    ]
+    # Without a site_name, a site is named by its node id.
+    assert "rejected the update of node-4: its update norm 20.5" in caplog.text
+
+
+def test_the_ratio_is_the_configured_one():
+    rejections = []
+    replies = [_flat_reply(2, 1.0), _flat_reply(3, 1.0), _flat_reply(4, 2.5)]
+    _flat_validator(rejections, max_update_ratio=2.0).aggregate_train(1, replies)
+    assert rejections == [
+        (4, MessageType.TRAIN, "its update norm 5 is above 2 x the other sites' median (2)")
+    ]
+
+
+def test_the_norm_is_summed_over_every_tensor_in_double_precision():
+    reference = ArrayRecord(
+        {"a": Array(np.zeros(4, np.float32)), "b": Array(np.zeros(4, np.float32))}
+    )
+    rejections = []
+    validator = UpdateValidation(
+        FedAvg(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1),
+        reference,
+        max_update_ratio=1.0,
+        on_reject=lambda *args: rejections.append(args),
+    )
+
+    def reply(node, a, b):
+        arrays = {"a": np.full(4, a, np.float32), "b": np.full(4, b, np.float32)}
+        return train_reply(node, arrays=arrays)
+
+    # Three norms of 10 (sqrt(4 * 9 + 4 * 16), sqrt(4 * 25), sqrt(4 * 25)), each at 1 x the
+    # others' median only if both tensors count; float32 squares of 3e19 would overflow to inf.
+    replies = [reply(2, 3.0, 4.0), reply(3, 0.0, 5.0), reply(4, 5.0, 0.0), reply(5, 3e19, 4e19)]
+    validator.aggregate_train(1, replies)
+    assert rejections == [
+        (5, MessageType.TRAIN, "its update norm 1e+20 is above 1 x the other sites' median (10)")
+    ]
+
+
+def test_a_site_that_moved_when_every_other_site_stood_still_is_rejected():
+    # The others' median norm is 0; the limit is then 10 x 1e-12, not 0 (which would also
+    # reject a site that stood still) nor anything a real update stays under.
+    rejections = []
+    replies = [_flat_reply(2, 0.0), _flat_reply(3, 0.0), _flat_reply(4, 1e-6)]
+    _flat_validator(rejections).aggregate_train(1, replies)
+    assert [(node, why) for node, _, why in rejections] == [
+        (4, "its update norm 2e-06 is above 10 x the other sites' median (0)")
+    ]
+    rejections.clear()
+    replies = [_flat_reply(2, 0.0), _flat_reply(3, 0.0), _flat_reply(4, 0.0)]
+    _flat_validator(rejections).aggregate_train(1, replies)
+    assert rejections == []
+
+
+def test_a_lone_update_has_no_others_to_be_measured_against():
+    rejections = []
+    arrays, _ = _flat_validator(rejections).aggregate_train(1, [_flat_reply(2, 1e6)])
+    assert rejections == []
+    np.testing.assert_allclose(arrays["ctx"].numpy(), 1e6)
+
+
+def test_when_metric_sets_tie_the_first_site_in_site_order_sets_the_usual_ones():
+    rejections = []
+    replies = [train_reply(3, extra=1.0), train_reply(2, other=1.0)]  # arrival order 3, 2
+    _, metrics = _validator(rejections).aggregate_train(1, replies)
+    assert rejections == [
+        (
+            3,
+            MessageType.TRAIN,
+            "its metrics are ['extra', 'num-examples', 'train-loss'] but the other sites' are "
+            "['num-examples', 'other', 'train-loss']",
+        )
+    ]
+    assert set(metrics) == {"other", "train-loss"}  # FedAvg drops the weight from its means
+
+
+def _recorded(calls, name):
+    """A strategy method that records its arguments and returns a marker."""
+
+    def method(*args):
+        calls.append((name, *args))
+        return [name]
+
+    return method
+
+
+class _Recorder(FedAvg):
+    """FedAvg that records how it is configured and summarized."""
+
+    def __init__(self):
+        super().__init__(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
+        self.calls = []
+        self.configure_train = _recorded(self.calls, "configure_train")
+        self.configure_evaluate = _recorded(self.calls, "configure_evaluate")
+        self.summary = _recorded(self.calls, "summary")
+
+
+def test_configuring_a_round_is_delegated_as_it_came():
+    inner = _Recorder()
+    validator = UpdateValidation(inner, REFERENCE)
+    sent = ArrayRecord({"ctx": Array(np.full(SHAPE, 3.0, np.float32))})
+    config, grid = ConfigRecord({"lr": 0.1}), object()
+    assert validator.configure_train(5, sent, config, grid) == ["configure_train"]
+    assert validator.configure_evaluate(5, sent, config, grid) == ["configure_evaluate"]
+    assert inner.calls == [
+        ("configure_train", 5, sent, config, grid),
+        ("configure_evaluate", 5, sent, config, grid),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("settings", "line"),
+    [
+        ({}, "\t│\t└── update norm at most 10.0 x the other sites' median"),
+        ({"max_update_ratio": 3.5}, "\t│\t└── update norm at most 3.5 x the other sites' median"),
+        (
+            {"secure_sum": True},
+            "\t│\t└── SecAgg+: checks apply to the sum; per-site norms are hidden",
+        ),
+    ],
+)
+def test_the_summary_names_the_checks_then_the_wrapped_strategys(settings, line, caplog):
+    inner = _Recorder()
+    with caplog.at_level(logging.INFO):
+        UpdateValidation(inner, REFERENCE, **settings).summary()
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "\t├──> Update validation: keys, shapes, dtypes, finite values, metrics;"),
+        (logging.INFO, line),
+    ]
+    assert inner.calls == [("summary",)]
+
+
+def test_a_site_whose_budget_is_spent_is_left_out_with_its_epsilon(caplog):
+    rejections, withheld, aggregated = [], [], []
+    validator = _validator(
+        rejections,
+        on_withhold=lambda *args: withheld.append(args),
+        on_aggregate=lambda *args: aggregated.append(args),
+    )
+    spent = {"dp-budget-exhausted": 1, "dp-epsilon": 2.71828}
+    replies = [
+        train_reply(2, 1.0, 10, **{"dp-budget-exhausted": 0, "dp-epsilon": 1.0}),
+        train_reply(3, 2.0, 30, **{"dp-budget-exhausted": 0, "dp-epsilon": 1.0}),
+        train_reply(4, 0.0, 10, **spent),
+    ]
+    with caplog.at_level(logging.INFO):
+        arrays, _ = validator.aggregate_train(6, replies)
+    np.testing.assert_allclose(arrays["ctx"].numpy(), 1.75)
+    reason = "privacy budget spent (epsilon 2.718); the site trains no more"
+    assert rejections == [] and withheld == [(4, reason)]
+    assert aggregated == [(2, 10), (3, 30)]
+    assert f"[fedprompt] round 6: hospital-4 is left out of the aggregate: {reason}" in [
+        r.getMessage() for r in caplog.records
+    ]
+
+
+def test_a_spent_budget_without_an_epsilon_is_still_left_out():
+    withheld = []
+    validator = _validator([], on_withhold=lambda *args: withheld.append(args))
+    replies = [
+        train_reply(2, 1.0, **{"dp-budget-exhausted": 0}),
+        train_reply(4, 0.0, **{"dp-budget-exhausted": 1}),
+    ]
+    arrays, _ = validator.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["ctx"].numpy(), 1.0)
+    assert withheld == [(4, "privacy budget spent (epsilon nan); the site trains no more")]
+
+
+def test_under_secagg_a_site_that_failed_does_not_discard_the_sum():
+    rejections = []
+    failed = Message(
+        Error(code=2, reason="[hospital-5] gone"), reply_to=instruction(5, MessageType.TRAIN)
+    )
+    validator = _validator(rejections, secure_sum=True)
+    arrays, _ = validator.aggregate_train(1, [train_reply(1, 3.0), failed, train_reply(2, 3.0)])
+    assert rejections == []
+    np.testing.assert_allclose(arrays["ctx"].numpy(), 3.0)
+
+
+def test_the_aggregated_weights_are_reported_in_site_order():
+    aggregated = []
+    validator = _validator([], on_aggregate=lambda *args: aggregated.append(args))
+    replies = [train_reply(3, 2.0, 30), train_reply(2, 1.0, 10)]
+    validator.aggregate_train(1, replies)
+    assert aggregated == [(2, 10), (3, 30)]
+
+
+def test_an_evaluation_with_images_held_by_a_held_out_site_is_recorded_not_averaged():
+    rejections = []
+    validator = _validator(rejections, held_out=["hospital-9"])
+    replies = [evaluate_reply(2, 0.5, 10), evaluate_reply(9, 1.0, 30), evaluate_reply(3, 0.25, 10)]
+    metrics = validator.aggregate_evaluate(1, replies)
+    assert rejections == []
+    assert metrics["accuracy"] == pytest.approx(0.375)
+
+
+def test_a_float_zero_count_means_no_test_images_and_weights_by_the_configured_key():
+    rejections = []
+    validator = _validator(rejections)
+    untested = _evaluation(4, {"num-examples": 0.0})
+    metrics = validator.aggregate_evaluate(1, [evaluate_reply(2, 0.5, 10), untested])
+    assert rejections == [] and metrics["accuracy"] == 0.5
+    # Weighted by another key, a zero count is just a count: the weight must be positive.
+    weighted = UpdateValidation(
+        FedAvg(min_train_nodes=1, min_evaluate_nodes=1, weighted_by_key="images"),
+        REFERENCE,
+        site_name=lambda node: f"hospital-{node}",
+        on_reject=lambda *args: rejections.append(args),
+        weighted_by_key="images",
+    )
+    replies = [_evaluation(2, {"images": 10, "accuracy": 0.5}), _evaluation(3, {"images": 0})]
+    weighted.aggregate_evaluate(1, replies)
+    assert rejections == [(3, MessageType.EVALUATE, "its 'images' is 0, not a positive number")]
+
+
+def test_failed_evaluations_pass_through_to_the_strategy():
+    failed = Message(
+        Error(code=2, reason="[hospital-5] gone"), reply_to=instruction(5, MessageType.EVALUATE)
+    )
+    rejections = []
+    metrics = _validator(rejections).aggregate_evaluate(1, [failed, evaluate_reply(2, 0.5, 10)])
+    assert rejections == [] and metrics["accuracy"] == 0.5
+
+
+def test_a_weight_of_zero_passes_only_where_allowed():
+    def problem(weight, allow_zero):
+        reply = _evaluation(2, {"num-examples": weight, "accuracy": 0.5})
+        return metrics_problem(reply, "num-examples", allow_zero=allow_zero)
+
+    assert problem(0, allow_zero=True) is None
+    assert problem(0, allow_zero=False) == "its 'num-examples' is 0, not a positive number"
+    assert problem(-1, allow_zero=True) == "its 'num-examples' is -1, not a non-negative number"
+    assert problem(float("inf"), allow_zero=True) == (
+        "its 'num-examples' is inf, not a non-negative number"
+    )
+    assert problem(1, allow_zero=False) is None
