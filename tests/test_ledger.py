@@ -552,12 +552,13 @@ def _calibration_spy(monkeypatch):
 
 def test_a_config_with_every_setting_plans_exactly_those(monkeypatch):
     asked = _calibration_spy(monkeypatch)
-    privacy = {"epsilon": 3, "delta": 1e-3, "accountant": "rdp", "noise_multiplier": 0.8}
+    # delta 2e-4, not the default 1 / (10 * 100) = 1e-3.
+    privacy = {"epsilon": 3, "delta": 2e-4, "accountant": "rdp", "noise_multiplier": 0.8}
     train = {"batch_size": 10, "local_epochs": 3}
     ledger = SiteLedger.from_config(privacy, train, rounds=2, num_records=100)
     assert ledger.to_dict() == {
         "target_epsilon": 3.0,
-        "delta": 1e-3,
+        "delta": 2e-4,
         "noise_multiplier": 0.8,
         "sample_rate": 0.1,
         "num_records": 100,
@@ -570,7 +571,7 @@ def test_a_config_with_every_setting_plans_exactly_those(monkeypatch):
     assert asked == []  # a fixed noise multiplier is not calibrated
     assert planned_budget(privacy, train, 100) == {
         "target_epsilon": 3.0,
-        "delta": 1e-3,
+        "delta": 2e-4,
         "accountant": "rdp",
         "sample_rate": 0.1,
         "num_records": 100,
