@@ -1,6 +1,7 @@
 """Exact per-sample DP clipping equals a loop over single samples, for any learner."""
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -220,3 +221,37 @@ def test_auto_falls_back_to_one_backward_per_record_and_says_so(miniature_backbo
     clipper.private_gradient(features, labels, {})  # decided once: no second attempt, no log
     assert clipper.method == "loop" and not caplog.records
     clipper.close()
+
+
+def test_an_empty_batch_has_empty_gradients_and_losses(miniature_backbone):
+    learner = create_learner("coop", miniature_backbone, CLASSES, class_specific=True)
+    features, labels = _batch(miniature_backbone)
+    grads, losses = per_sample_gradients(learner, features[:0], labels[:0])
+    assert grads["ctx"].shape == (0, *learner.ctx.shape) and losses.shape == (0,)
+
+
+def test_an_unknown_method_is_refused_in_one_sentence(miniature_backbone):
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone, n=2)
+    with pytest.raises(ValueError) as error:
+        per_sample_gradients(learner, features, labels, method="batched")
+    assert str(error.value) == "Unknown per-sample gradient method 'batched'; use vmap or loop."
+
+
+class FeatureDropout(CoOp):
+    """Dropout on each record's image features, as a learner's training-time dropout does."""
+
+    def loss(self, image_features, labels):
+        return F.cross_entropy(self(F.dropout(image_features, p=0.5)), labels)
+
+
+def test_each_record_draws_its_own_randomness_and_nothing_warns(miniature_backbone):
+    learner = FeatureDropout(miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone, n=1)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grads, _ = per_sample_gradients(learner, features.expand(6, -1), labels.expand(6))
+    assert [str(warning.message) for warning in caught] == []
+    # Six copies of one record: with one dropout mask per record, their gradients differ.
+    assert len({tuple(row.flatten().tolist()) for row in grads["ctx"]}) > 1

@@ -1,10 +1,13 @@
 """Text-feature-space DP clipping equals a hand-written per-sample clip-and-sum of dL/dT."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fedprompt.learners import create_learner
+from fedprompt.learners.coop import CoOp
 from fedprompt.privacy import TextFeatureClipping
 
 CLASSES = ["glioma tumor", "meningioma tumor", "pituitary tumor", "normal brain"]
@@ -136,5 +139,44 @@ def test_a_private_loss_that_bypasses_the_similarities_is_refused(miniature_back
         F.cross_entropy(similarities, labels, reduction="none") + learner.text_features().sum()
     )
     features, labels = _batch(miniature_backbone)
-    with pytest.raises(ValueError, match="other than through the similarities"):
+    with pytest.raises(ValueError) as error:
         _clipper(learner, 1.0, expected_batch_size=8).private_gradient(features, labels, {})
+    assert str(error.value) == (
+        "CoOp.private_sample_losses reaches the prompt other than through the similarities, "
+        "which text-feature clipping cannot bound; set privacy.clipping=exact or use only the "
+        "similarities."
+    )
+
+
+class WithSpare(CoOp):
+    """A trainable tensor that the class text features never reach."""
+
+    def __init__(self, backbone, classnames):
+        super().__init__(backbone, classnames)
+        self.spare = torch.nn.Parameter(torch.ones(3))
+
+
+def test_a_tensor_the_text_features_miss_gets_a_zero_gradient(miniature_backbone):
+    learner = WithSpare(miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone, n=4, seed=3)
+    _clipper(learner, 1e9, expected_batch_size=4).private_gradient(features, labels, {})
+    assert torch.equal(learner.spare.grad, torch.zeros(3))
+    (plain,) = torch.autograd.grad(learner.loss(features, labels), learner.ctx)
+    _assert_close_to_scale(learner.ctx.grad, plain)
+
+
+def test_each_step_starts_from_fresh_gradients_and_warns_nothing(miniature_backbone):
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone, n=6, seed=4)
+    clipper = _clipper(learner, 0.5, expected_batch_size=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clipper.private_gradient(features[:3], labels[:3], {})
+        second = clipper.private_gradient(features[3:], labels[3:], {})
+    assert [str(warning.message) for warning in caught] == []
+    fresh = create_learner("coop", miniature_backbone, CLASSES)
+    want = _clipper(fresh, 0.5, expected_batch_size=6).private_gradient(
+        features[3:], labels[3:], {}
+    )
+    torch.testing.assert_close(second, want)
+    _assert_close_to_scale(learner.ctx.grad, fresh.ctx.grad)
