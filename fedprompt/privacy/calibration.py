@@ -84,9 +84,7 @@ def check_budget_reachable(
         ValueError: An epsilon or delta out of range, or a budget outside what the range spends.
     """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
-        raise ValueError(
-            f"privacy.epsilon must be a positive finite number, got {target_epsilon}."
-        )
+        raise ValueError(f"privacy.epsilon must be a positive finite number, got {target_epsilon}.")
     if not 0 < delta < 1:
         raise ValueError(f"privacy.delta must be in (0, 1), got {delta}.")
     low, high = NOISE_SEARCH_RANGE
