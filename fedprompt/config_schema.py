@@ -344,7 +344,12 @@ def _cross_checks(cfg: DictConfig) -> str | None:
     if problem is not None:
         return problem
     if _value(cfg, "method.solver") == "lbfgs":
-        if int(federation.num_sites) != 1 or not simulated:
+        if not simulated:
+            return (
+                "method.solver=lbfgs fits the papers' centralized linear probe on one simulated "
+                "site's images; run it with federation.mode=simulation or use method.solver=sgd."
+            )
+        if int(federation.num_sites) != 1:
             return (
                 f"method.solver=lbfgs fits the papers' centralized linear probe on one site's "
                 f"images, but federation.num_sites={federation.num_sites}; set "

@@ -389,3 +389,322 @@ def test_the_specification_covers_every_rule():
     stated = {spec.rpartition(" ")[2] for spec in ALLOWED}
     keys = {r.key for r in (*COMMON, *WHERE_PRESENT, *(r for g in BY_GROUP.values() for r in g))}
     assert keys == stated
+
+
+# Each check of keys that must agree: the whole sentence it refuses with, and the nearest
+# setting it lets pass.
+CROSS_CHECK_REFUSALS = [
+    (
+        ["federation.mode=deployment", "federation.num_sites=2", "federation.min_sites=3"],
+        (
+            "federation.min_sites=3 is more than federation.num_sites=2; it must be at most the "
+            "number of sites."
+        ),
+    ),
+    (
+        ["privacy=site_level", "federation.fraction_train=0.5"],
+        (
+            "privacy=site_level accounts every site in every round, but "
+            "federation.fraction_train=0.5; set federation.fraction_train=1.0."
+        ),
+    ),
+    (
+        ["protocol=base_to_novel", "federation.mode=deployment"],
+        (
+            "protocol=base_to_novel needs a central test split of every class; run it with "
+            "federation.mode=simulation."
+        ),
+    ),
+    (
+        ["protocol=base_to_novel", "evaluation.central=false"],
+        "protocol=base_to_novel scores the novel classes centrally; set evaluation.central=true.",
+    ),
+    (
+        ["method=zeroshot", "privacy=dpsgd"],
+        (
+            "method=zeroshot trains nothing, so privacy=dpsgd has nothing to protect; use "
+            "privacy=none."
+        ),
+    ),
+    (
+        ["federation.ray_address='head:123456'"],
+        (
+            "federation.ray_address=head:123456 is not the host:port of a Ray cluster's head (ray"
+            " start --head --port <port>); give it as host:port, or null."
+        ),
+    ),
+    (
+        ["evaluation.holdout_sites=1", "federation.mode=deployment"],
+        (
+            "evaluation.holdout_sites=1 holds out simulated sites; in deployment a hospital that "
+            "only evaluates is not supported yet, so set it to 0."
+        ),
+    ),
+    (
+        ["evaluation.holdout_sites=1", "federation.secure_aggregation=true"],
+        (
+            "evaluation.holdout_sites=1: SecAgg+ needs every sampled site's update, and a "
+            "held-out site sends none; set evaluation.holdout_sites=0."
+        ),
+    ),
+    (
+        ["evaluation.holdout_sites=1", "privacy=site_level"],
+        (
+            "evaluation.holdout_sites=1: privacy=site_level needs every sampled site's update, "
+            "and a held-out site sends none; set evaluation.holdout_sites=0."
+        ),
+    ),
+    (
+        ["evaluation.holdout_sites=3"],
+        (
+            "evaluation.holdout_sites=3 would leave no site to train among "
+            "federation.num_sites=3; hold out fewer sites."
+        ),
+    ),
+    (
+        ["federation.site_datasets=[btmri_mini,synthetic]"],
+        (
+            "federation.site_datasets names 2 datasets, one per site, but federation.num_sites=3;"
+            " set federation.num_sites=2."
+        ),
+    ),
+    (
+        ["federation.site_datasets=[btmri_mini,synthetic,busi]"],
+        (
+            "federation.site_datasets gives each site its own task, so there is no one central "
+            "test split; set evaluation.central=false (each site scores its own)."
+        ),
+    ),
+    (
+        [
+            "federation.site_datasets=[btmri_mini,synthetic,busi]",
+            "evaluation.central=false",
+            "partition=dirichlet",
+        ],
+        (
+            "federation.site_datasets gives each site a whole dataset, which partition=dirichlet "
+            "would not change; use it with partition=iid, protocol=few_shot and no acquisition."
+        ),
+    ),
+    (
+        [
+            "federation.site_datasets=[btmri_mini,synthetic,busi]",
+            "evaluation.central=false",
+            "partition.acquisition=scanner",
+        ],
+        (
+            "federation.site_datasets gives each site a whole dataset, which "
+            "partition.acquisition=scanner would not change; use it with partition=iid, "
+            "protocol=few_shot and no acquisition."
+        ),
+    ),
+    (
+        [
+            "federation.site_datasets=[btmri_mini,synthetic,busi]",
+            "evaluation.central=false",
+            "method=linear_probe",
+        ],
+        (
+            "federation.site_datasets shares one prompt between sites with different class lists,"
+            " and method=linear_probe learns nothing shared across class lists; use a "
+            "shared-context method such as coop."
+        ),
+    ),
+    (
+        [
+            "federation.site_datasets=[btmri_mini,synthetic,busi]",
+            "evaluation.central=false",
+            "method.class_specific=true",
+        ],
+        (
+            "federation.site_datasets shares one prompt between sites with different class lists,"
+            " and method=coop with method.class_specific=true learns nothing shared across class "
+            "lists; use a shared-context method such as coop."
+        ),
+    ),
+    (
+        ["evaluation.unseen_datasets=[busi]", "federation.mode=deployment"],
+        (
+            "evaluation.unseen_datasets is scored by the server on images it holds; in deployment"
+            " the centre holds none, so leave it empty."
+        ),
+    ),
+    (
+        ["method=zeroshot", "personalization=finetune"],
+        (
+            "personalization=finetune needs a prompt each site trains round by round, which "
+            "method=zeroshot does not have; use personalization=none."
+        ),
+    ),
+    (
+        [
+            "method=linear_probe",
+            "method.solver=lbfgs",
+            "personalization=finetune",
+            "federation.num_sites=1",
+        ],
+        (
+            "personalization=finetune needs a prompt each site trains round by round, which "
+            "method.solver=lbfgs does not have; use personalization=none."
+        ),
+    ),
+    (
+        ["method=kgcoop", "personalization=fedotp"],
+        (
+            "personalization=fedotp scores classes by transport over patch tokens in place of "
+            "CoOp's cross-entropy, so it runs with method=coop, not method=kgcoop."
+        ),
+    ),
+    (
+        ["method=linear_probe", "personalization=promptfolio"],
+        (
+            "personalization=promptfolio splices each site's own tensors into a CoOp-style "
+            "context, which method=linear_probe does not have; use one of coop, kgcoop, prograd, "
+            "biomedcoop, ogkd, vmfcoop, or personalization=local_only or finetune."
+        ),
+    ),
+    (
+        ["privacy=dpsgd", "personalization=promptfolio"],
+        (
+            "privacy=dpsgd protects the global prompt only, and personalization=promptfolio "
+            "trains a site's own tensors with it; use personalization=finetune or none with "
+            "privacy=dpsgd."
+        ),
+    ),
+    (
+        ["method=linear_probe", "method.solver=lbfgs"],
+        (
+            "method.solver=lbfgs fits the papers' centralized linear probe on one site's images, "
+            "but federation.num_sites=3; set federation.num_sites=1 (simulation) or use "
+            "method.solver=sgd."
+        ),
+    ),
+    (
+        [
+            "method=linear_probe",
+            "method.solver=lbfgs",
+            "federation.num_sites=1",
+            "federation.mode=deployment",
+        ],
+        (
+            "method.solver=lbfgs fits the papers' centralized linear probe on one simulated "
+            "site's images; run it with federation.mode=simulation or use method.solver=sgd."
+        ),
+    ),
+    (
+        ["method=linear_probe", "method.solver=lbfgs", "federation.num_sites=1", "privacy=dpsgd"],
+        (
+            "method.solver=lbfgs has no differentially private form; use privacy=none or "
+            "method.solver=sgd with privacy=dpsgd."
+        ),
+    ),
+    (
+        ["partition=natural"],
+        (
+            "partition=natural takes each image's site from a manifest, but dataset=btmri_mini "
+            "has no site column; use dataset=manifest (a CSV path,label,site) or another "
+            "partition."
+        ),
+    ),
+    (
+        ["partition.acquisition=scanner", "federation.mode=deployment"],
+        (
+            "partition.acquisition=scanner simulates sites that differ in acquisition, but in "
+            "deployment each hospital's images come from its own scanner; set "
+            "partition.acquisition=none."
+        ),
+    ),
+    (
+        ["partition=pathological", "partition.classes_per_site=5"],
+        (
+            "partition.classes_per_site=5 is more than the dataset's 4 classes; it must be "
+            "between 1 and 4."
+        ),
+    ),
+    (
+        ["federation.secure_aggregation=true", "strategy=trimmed_mean"],
+        (
+            "strategy=trimmed_mean needs each site's update, which SecAgg+ hides from the server;"
+            " use one of fedavg, fedprox, fedadam with federation.secure_aggregation=true."
+        ),
+    ),
+    (
+        ["federation.secure_aggregation=true", "privacy=site_level"],
+        (
+            "privacy=site_level clips each site's update at the server, which SecAgg+ hides; use "
+            "privacy=dpsgd (each site's noise stays in the sum) with secure aggregation."
+        ),
+    ),
+    (
+        ["federation.secure_aggregation=true", "federation.num_sites=1"],
+        (
+            "federation.num_sites=1: SecAgg+ sums at least two sites' prompts; raise it to 2 or "
+            "more, or set federation.secure_aggregation=false."
+        ),
+    ),
+    (
+        [
+            "federation.secure_aggregation=true",
+            "federation.mode=deployment",
+            "federation.min_sites=1",
+        ],
+        (
+            "federation.min_sites=1: SecAgg+ sums at least two sites' prompts; raise it to 2 or "
+            "more, or set federation.secure_aggregation=false."
+        ),
+    ),
+]
+CROSS_CHECK_EDGES_THAT_PASS = [
+    ["federation.mode=deployment", "federation.num_sites=2", "federation.min_sites=2"],
+    ["privacy=site_level", "federation.fraction_train=1.0"],
+    ["protocol=base_to_novel", "evaluation.central=true"],
+    ["method=zeroshot", "privacy=none"],
+    ["federation.ray_address='head:6379'"],
+    ["evaluation.holdout_sites=2"],
+    ["federation.site_datasets=[btmri_mini,synthetic,busi]", "evaluation.central=false"],
+    ["privacy=dpsgd", "personalization=finetune"],
+    ["method=linear_probe", "method.solver=lbfgs", "federation.num_sites=1"],
+    ["partition=pathological", "partition.classes_per_site=4"],
+    ["federation.secure_aggregation=true", "federation.num_sites=2"],
+    ["federation.secure_aggregation=true", "federation.mode=deployment", "federation.min_sites=2"],
+]
+
+
+@pytest.mark.parametrize(("overrides", "sentence"), CROSS_CHECK_REFUSALS)
+def test_each_cross_check_refuses_in_its_whole_sentence(overrides, sentence):
+    with pytest.raises(ConfigError) as caught:
+        check_config(compose_config("quickstart", overrides))
+    assert str(caught.value) == sentence
+
+
+@pytest.mark.parametrize("overrides", CROSS_CHECK_EDGES_THAT_PASS)
+def test_the_nearest_setting_each_cross_check_allows_passes(overrides):
+    check_config(compose_config("quickstart", overrides))
+
+
+def test_the_site_size_checks_refuse_at_their_edges_in_whole_sentences():
+    dp = compose_config("quickstart", ["privacy=dpsgd", "privacy.noise_multiplier=1.0"])
+    with pytest.raises(ConfigError) as caught:
+        check_site_sizes(dp, {"site-0": 9, "site-1": 10})
+    assert str(caught.value) == (
+        "Site site-0 holds 9 training images, fewer than the 10 DP-SGD needs for noise that does "
+        "not drown every step; use fewer sites, more train.shots, or privacy=none."
+    )
+    check_site_sizes(dp, {"site-0": 10})
+    at_one_over_n = compose_config(
+        "quickstart", ["privacy=dpsgd", "privacy.noise_multiplier=1.0", "privacy.delta=0.05"]
+    )
+    with pytest.raises(ConfigError) as caught:
+        check_site_sizes(at_one_over_n, {"site-0": 20})
+    assert str(caught.value) == (
+        "privacy.delta=0.05 is not below 1/n = 0.05 for site site-0 (20 training images): such a "
+        "delta allows releasing a whole record; set it below 1/n or to null (1/(10 n))."
+    )
+    check_site_sizes(at_one_over_n, {"site-0": 19})
+    with pytest.raises(ConfigError) as caught:
+        check_site_sizes(compose_config("quickstart", []), {"site-0": 1, "site-1": 0})
+    assert str(caught.value) == (
+        "Site site-1 gets no training images (train.shots=4, partition=iid, 2 sites); use fewer "
+        "sites, another partition or more shots."
+    )
+    check_site_sizes(compose_config("quickstart", []), {"site-0": 1})
