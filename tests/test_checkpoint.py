@@ -4,6 +4,7 @@ strategy state and random state a resumed run takes back, and the round numbers 
 The end-to-end resume (a run stopped and resumed is the uninterrupted run) is in test_resume.py.
 """
 
+import pickle
 import random
 import re
 
@@ -112,6 +113,20 @@ def test_a_checkpoint_of_another_or_no_format_is_refused_in_a_sentence(tmp_path,
         f"{tmp_path.resolve() / CHECKPOINT_NAME} was written by another fedprompt version "
         f"(format {written}); resume it with that version or start a new run."
     )
+
+
+class Planted:
+    """An object a checkpoint must never unpickle: only tensors and plain data are loaded."""
+
+
+def test_a_checkpoint_holding_other_python_objects_is_not_unpickled(tmp_path, monkeypatch):
+    # Even where the environment asks torch to unpickle anything by default.
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    save_checkpoint(ResultsFolder(tmp_path), 1, PROMPT, FedAvg(), None)
+    data = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    torch.save(data | {"initial": Planted()}, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_checkpoint(tmp_path)
 
 
 def test_the_strategy_state_is_the_innermost_strategys_moments():

@@ -100,8 +100,7 @@ def random_state() -> dict[str, Any]:
 def restore_random_state(state: Mapping[str, Any]) -> None:
     """Undo everything drawn since ``random_state()`` was taken."""
     random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    np.random.set_state(tuple(state["numpy"]))  # numpy takes the key as a list of ints
     torch.set_rng_state(state["torch"])
 
 
