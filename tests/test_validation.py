@@ -773,3 +773,72 @@ def test_a_weight_of_zero_passes_only_where_allowed():
         "its 'num-examples' is inf, not a non-negative number"
     )
     assert problem(1, allow_zero=False) is None
+
+
+def test_per_class_ids_are_checked_against_each_sites_own_class_list():
+    rejections = []
+    classes = {"hospital-2": 2, "hospital-3": 3}
+    validator = _validator(rejections, num_classes=lambda site: classes[site])
+    third = {"sensitivity-2": 0.5}
+    replies = [evaluate_reply(2, 0.5, 10, **third), evaluate_reply(3, 1.0, 30, **third)]
+    metrics = validator.aggregate_evaluate(1, replies)
+    assert [node for node, _, _ in rejections] == [2]
+    assert metrics["accuracy"] == 1.0
+
+
+def test_an_evaluation_without_test_images_is_logged_in_one_line(caplog):
+    untested = _evaluation(4, {"num-examples": 0})
+    with caplog.at_level(logging.INFO):
+        _validator([]).aggregate_evaluate(3, [evaluate_reply(2), untested])
+    assert (
+        "[fedprompt] round 3: hospital-4 holds no test images; its evaluation is recorded, "
+        "not averaged"
+    ) in [r.getMessage() for r in caplog.records]
+
+
+def test_an_evaluation_with_other_metrics_is_rejected_in_its_round(caplog):
+    rejections = []
+    replies = [evaluate_reply(2), evaluate_reply(3), evaluate_reply(4, extra=1.0)]
+    with caplog.at_level(logging.WARNING):
+        metrics = _validator(rejections).aggregate_evaluate(7, replies)
+    reason = (
+        "its metrics are ['accuracy', 'extra', 'num-examples'] but the other sites' are "
+        "['accuracy', 'num-examples']"
+    )
+    assert rejections == [(4, MessageType.EVALUATE, reason)]
+    assert set(metrics) == {"accuracy"}
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"[fedprompt] round 7: rejected the evaluation of hospital-4: {reason}"
+    ]
+
+
+class _Aggregator(FedAvg):
+    """FedAvg that records the round and the senders of what it is asked to aggregate."""
+
+    def __init__(self):
+        super().__init__(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
+        self.calls = []
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        self.calls.append(("train", server_round, [r.metadata.src_node_id for r in replies]))
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round, replies):
+        replies = list(replies)
+        self.calls.append(("evaluate", server_round, [r.metadata.src_node_id for r in replies]))
+        return super().aggregate_evaluate(server_round, replies)
+
+
+def test_the_wrapped_strategy_gets_the_round_and_the_kept_replies_in_site_order_then_failures():
+    inner = _Aggregator()
+    validator = UpdateValidation(inner, REFERENCE, site_name=lambda node: f"hospital-{node}")
+
+    def failed(node, kind):
+        return Message(Error(code=2, reason="gone"), reply_to=instruction(node, kind))
+
+    train = [train_reply(4), failed(1, MessageType.TRAIN), train_reply(2), train_reply(3, np.nan)]
+    validator.aggregate_train(5, train)
+    evaluate = [evaluate_reply(4), failed(1, MessageType.EVALUATE), evaluate_reply(2)]
+    validator.aggregate_evaluate(5, evaluate)
+    assert inner.calls == [("train", 5, [2, 4, 1]), ("evaluate", 5, [2, 4, 1])]
