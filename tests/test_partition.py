@@ -437,6 +437,12 @@ def test_largest_remainder_gives_the_leftover_to_the_largest_fractions_first():
     ties = _largest_remainder(np.full(40, 0.5), 17)
     assert ties.tolist() == [1] * 17 + [0] * 23
     assert _largest_remainder(np.array([1.0, 2.0]), 3).tolist() == [1, 2]
+    assert _largest_remainder(np.array([0.5, 0.5]), 1).tolist() == [1, 0]
+    assert _largest_remainder(np.array([1.2, 0.9]), 2).tolist() == [1, 1]  # by fraction, not size
+    # Ties among many sites (where an unstable sort reorders them) still go to the earlier ones.
+    fractions = np.array([1, 1, 2, 0, 2, 2, 0, 1, 2, 1, 0, 2, 2, 2, 0, 0, 2, 0, 1, 0]) / 4
+    got = _largest_remainder(fractions + 1, 20 + 5)
+    assert np.flatnonzero(got == 2).tolist() == [2, 4, 5, 8, 11]
 
 
 def test_empty_test_sets_are_integer_index_arrays():
@@ -469,6 +475,38 @@ def test_assign_sites_warnings_point_at_the_caller():
 def test_a_site_with_test_images_is_not_warned_about(recwarn):
     plan = assign_sites([0, 0, 1, 1], [0, 1, 0, 1], 2, "iid", seed=0)
     assert [len(t) for t in plan.test] == [2, 2] and not recwarn.list
+    # A class with test images but no train images, or absent from both, is no one's concern.
+    plan = assign_sites([0, 0, 2, 2], [0, 1, 2, 1, 0, 2], 2, "iid", seed=0)
+    assert sum(len(t) for t in plan.test) == 4 and not recwarn.list
+
+
+def test_a_class_with_one_train_or_test_image_is_used_and_warned_about():
+    plan = assign_sites([0, 0, 1], [0, 0, 1], 1, "iid", seed=0)
+    assert [t.tolist() for t in plan.test] == [[0, 1, 2]]
+    with pytest.warns(UserWarning) as caught:
+        assign_sites([0, 0, 1], [0, 0], 1, "iid", seed=0)
+    assert [str(w.message).split(" have")[0] for w in caught] == ["Classes [1]"]
+
+
+def test_a_seed_gives_the_same_partition_in_every_version():
+    # Published runs name their seed: its partition (train shards and test sets) is pinned.
+    # Pathological: sites take classes in turn from the seeded order, here [3, 1, 2, 0].
+    plan = assign_sites(
+        [0, 0, 1, 1, 2, 2, 3, 3],
+        [0, 1, 2, 3, 0, 1, 2, 3, 3],
+        2,
+        "pathological",
+        seed=5,
+        classes_per_site=2,
+    )
+    assert [t.tolist() for t in plan.train] == [[2, 3, 6, 7], [0, 1, 4, 5]]
+    assert [t.tolist() for t in plan.test] == [[1, 3, 5, 8], [0, 2, 4, 6]]
+
+
+def test_a_partition_whose_lists_disagree_is_refused():
+    plan = SitePartition(["site-0", "site-1"], [np.array([0]), np.array([1])], [np.array([0])])
+    with pytest.raises(ValueError):
+        partitions_report(plan, [0, 1], [0], ["a", "b"], "iid", {})
 
 
 def test_the_report_is_the_whole_record():
@@ -517,6 +555,11 @@ def test_the_report_is_the_whole_record():
     assert rebuilt.site_names == ["site-0", "site-1"]
     assert [t.tolist() for t in rebuilt.test] == [[1], []]
     assert all(t.dtype == np.int64 for t in rebuilt.train + rebuilt.test)  # usable as indices
+    # A dirichlet partition with min_size 0 may leave a site without train images.
+    empty = SitePartition.from_report(
+        {"sites": [{"name": "site-0", "train_indices": [], "test_indices": []}]}
+    )
+    assert empty.train[0].dtype == empty.test[0].dtype == np.int64
 
 
 def test_partitions_json_is_indented_and_rewritable(tmp_path):

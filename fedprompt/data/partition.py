@@ -268,7 +268,7 @@ def _site_test_split(
         pool = rng.permutation(np.flatnonzero(test_labels == c))
         for site, part in enumerate(np.split(pool[: take.sum()], np.cumsum(take)[:-1])):
             tests[site].append(part)
-    return [np.sort(np.concatenate(t)) if t else np.zeros(0, dtype=np.int64) for t in tests]
+    return [np.sort(np.concatenate(t)) for t in tests]  # each holds one part per usable class
 
 
 def assign_sites(
