@@ -704,7 +704,7 @@ def test_the_site_size_checks_refuse_at_their_edges_in_whole_sentences():
     with pytest.raises(ConfigError) as caught:
         check_site_sizes(compose_config("quickstart", []), {"site-0": 1, "site-1": 0})
     assert str(caught.value) == (
-        "Site site-1 gets no training images (train.shots=4, partition=iid, 2 sites); use fewer "
+        "Site site-1 gets no training images (train.shots=0, partition=iid, 2 sites); use fewer "
         "sites, another partition or more shots."
     )
     check_site_sizes(compose_config("quickstart", []), {"site-0": 1})
