@@ -317,28 +317,45 @@ def hospitals(centre, tmp_path_factory, miniature_backbone) -> dict[str, Path]:
             centre.env,
         )
     for name in HOSPITALS:
-        check = [] if name == "hospital-a" else ["--skip-check"]
-        command = [
-            SITES / "start-supernode.sh",
-            *("--config", configs[name], "--superlink", f"127.0.0.1:{centre.public_port}"),
-            *("--ca", centre.certs / "ca.pem", "--trusted-apps", centre.trusted),
-            *("--key", configs[name].parent / "keys" / name, *check),
-        ]
-        start_on_free_ports(
-            lambda ports, name=name, command=command: _start_supernode(
-                centre.processes, name, command, ports
-            )
-        )
-
-    def all_online() -> bool:
-        listed = _run(centre.scripts("list-sites.sh"), centre.env)
-        return all(
-            f"{name} " in listed and "online" in listed.split(name)[1].splitlines()[0]
-            for name in HOSPITALS
-        )
-
-    _wait_until(all_online, 180, "the three hospitals coming online")
+        _start_hospital(centre, configs[name], name)
+    _wait_until(lambda: _all_online(centre), 180, "the three hospitals coming online")
     return configs
+
+
+@pytest.fixture
+def hospitals_started_again_after(centre, hospitals) -> dict[str, Path]:
+    """The hospitals; those the test killed are started again after it, for the tests after it.
+
+    The SuperLink takes a killed SuperNode back once it has marked it offline (two missed
+    30-second heartbeats), so each waits for that first.
+    """
+    yield hospitals
+    for name in HOSPITALS:
+        if centre.processes.started[name].poll() is not None:
+            _wait_until(lambda name=name: not _online(centre, name), 180, f"{name} offline")
+            _start_hospital(centre, hospitals[name], name)
+    _wait_until(lambda: _all_online(centre), 180, "the three hospitals online again")
+
+
+def _start_hospital(centre, config: Path, name: str) -> None:
+    check = [] if name == "hospital-a" else ["--skip-check"]
+    command = [
+        SITES / "start-supernode.sh",
+        *("--config", config, "--superlink", f"127.0.0.1:{centre.public_port}"),
+        *("--ca", centre.certs / "ca.pem", "--trusted-apps", centre.trusted),
+        *("--key", config.parent / "keys" / name, *check),
+    ]
+    start_on_free_ports(lambda ports: _start_supernode(centre.processes, name, command, ports))
+
+
+def _online(centre, name: str, listed: str | None = None) -> bool:
+    listed = listed or _run(centre.scripts("list-sites.sh"), centre.env)
+    return f"{name} " in listed and "online" in listed.split(name)[1].splitlines()[0]
+
+
+def _all_online(centre) -> bool:
+    listed = _run(centre.scripts("list-sites.sh"), centre.env)
+    return all(_online(centre, name, listed) for name in HOSPITALS)
 
 
 def test_the_deployment_app_declares_the_bridge_keys_and_installs_nothing():
@@ -691,7 +708,10 @@ def test_a_supernode_whose_key_is_not_registered_is_turned_away(centre, tmp_path
 @needs_nginx
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_the_centres_signed_app_runs_and_survives_a_site_lost_mid_run(centre, hospitals, tmp_path):
+def test_the_centres_signed_app_runs_and_survives_a_site_lost_mid_run(
+    centre, hospitals_started_again_after, tmp_path
+):
+    hospitals = hospitals_started_again_after  # hospital-c is killed below
     started = time.monotonic()
     # hospital-d is registered but its SuperNode never starts: it is missing from round 1 on.
     _run([SITES / "make-site-key.sh", "--name", "hospital-d", "--out", tmp_path], centre.env)
