@@ -629,7 +629,10 @@ def _raise_executed():
     raise _Executed
 
 
-def test_a_file_that_would_run_code_is_refused_unread(tmp_path, caplog):
+@pytest.mark.parametrize("forced_off", [False, True])
+def test_a_file_that_would_run_code_is_refused_unread(tmp_path, caplog, monkeypatch, forced_off):
+    if forced_off:  # torch's switch for loads that do not say weights_only themselves
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     store = FeatureStore(tmp_path)
     path, payload = _stored_payload(store)
     torch.save(payload | {"meta": _Payload()}, path)
@@ -788,3 +791,17 @@ def test_a_verified_mapping_does_not_vouch_for_another_file_or_a_read(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
         assert store.load(BACKBONE_ID, KEY, "tokens") is None
     assert "corrupt" in caplog.text
+
+
+def test_a_broken_file_another_process_already_deleted_is_a_miss(tmp_path, caplog, monkeypatch):
+    store = FeatureStore(tmp_path)
+    path, _ = _stored_payload(store)
+
+    def broken_and_gone(*args, **kwargs):
+        path.unlink()  # another process found it broken first and deleted it
+        raise RuntimeError("truncated")
+
+    monkeypatch.setattr(torch, "load", broken_and_gone)
+    with caplog.at_level(logging.WARNING, logger="fedprompt.data.feature_cache"):
+        assert store.load(BACKBONE_ID, KEY, "features") is None
+    assert "unreadable (RuntimeError: truncated)" in caplog.text
