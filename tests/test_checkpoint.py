@@ -288,3 +288,13 @@ def test_a_resumed_runs_rounds_are_numbered_from_where_it_stopped():
         ("configure_evaluate", 4, PROMPT, config, grid),
         ("aggregate_evaluate", 4, replies),
     ]
+
+
+def test_settings_are_compared_by_their_resolved_values_on_either_side():
+    # config.yaml is written resolved; the composed config may still hold interpolations.
+    resolved = _config(federation__min_sites=3)
+    interpolated = _config(federation__min_sites="${federation.num_sites}")
+    check_resumable(resolved, interpolated)  # no refusal
+    check_resumable(interpolated, resolved)
+    with pytest.raises(ConfigError, match=re.escape("federation.min_sites was 3, now 4")):
+        check_resumable(interpolated, _config(federation__min_sites=4))
