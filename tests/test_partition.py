@@ -27,6 +27,10 @@ RNG = np.random.default_rng(0)
 LABELS = RNG.integers(0, 6, size=600)
 TEST_LABELS = RNG.integers(0, 6, size=300)
 
+# mutmut runs the suite through trampolines that add stack frames, which moves where a warning's
+# stacklevel points; the warning-location checks run in the normal suite only.
+UNDER_MUTMUT = "MUTANT_UNDER_TEST" in os.environ
+
 SCHEMES = [
     ("iid", {}),
     ("dirichlet", {"alpha": 0.3}),
@@ -363,7 +367,7 @@ def test_pathological_refusal_and_warning_sentences():
         r"1 sites x 2 classes cannot cover 3 classes; the images of classes \[\d\] are left out\.",
         str(warning.message),
     )
-    assert warning.filename == __file__  # the warning points at the caller
+    assert UNDER_MUTMUT or warning.filename == __file__  # the warning points at the caller
 
 
 def test_partition_labels_refusals_are_one_sentence():
@@ -461,7 +465,8 @@ def test_empty_test_sets_are_integer_index_arrays():
 def test_assign_sites_warnings_point_at_the_caller():
     with pytest.warns(UserWarning) as caught:
         assign_sites([0, 0, 1, 1], [2, 2, 3], 2, "iid", seed=0)
-    assert len(caught) == 3 and all(w.filename == __file__ for w in caught)
+    assert len(caught) == 3
+    assert UNDER_MUTMUT or all(w.filename == __file__ for w in caught)  # at the caller
     assert str(caught[0].message) == (
         "Classes [0, 1] have train images but no test images; sites' test sets leave them out."
     )
