@@ -180,3 +180,22 @@ def test_each_step_starts_from_fresh_gradients_and_warns_nothing(miniature_backb
     )
     torch.testing.assert_close(second, want)
     _assert_close_to_scale(learner.ctx.grad, fresh.ctx.grad)
+
+
+class DoublePrecision(CoOp):
+    """Text features in another dtype than the float32 head (as a half-precision backbone's)."""
+
+    def text_features(self):
+        return super().text_features().double()
+
+
+def test_text_features_and_images_of_another_dtype_are_clipped_in_the_heads(miniature_backbone):
+    learner = DoublePrecision(miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone, n=4, seed=5)
+    features = features.double()
+    loss = _clipper(learner, 1e9, expected_batch_size=4).private_gradient(features, labels, {})
+    (plain,) = torch.autograd.grad(learner.loss(features, labels), learner.ctx)
+    assert learner.ctx.grad.dtype == learner.ctx.dtype
+    torch.testing.assert_close(learner.ctx.grad, plain, rtol=1e-4, atol=1e-6)
+    want = F.cross_entropy(learner(features), labels, reduction="sum")
+    torch.testing.assert_close(loss, want.float(), rtol=1e-5, atol=1e-5)

@@ -59,7 +59,7 @@ class TextFeatureClipping:
             bias=False,
             device=learner.backbone.device,
         )
-        self.head = GradSampleModule(head, batch_first=True, loss_reduction="sum", strict=True)
+        self.head = GradSampleModule(head, batch_first=True, loss_reduction="sum")
         self.weight = head.weight
         self.optimizer = noisy_aggregator(
             [self.weight],
