@@ -842,3 +842,19 @@ def test_the_wrapped_strategy_gets_the_round_and_the_kept_replies_in_site_order_
     evaluate = [evaluate_reply(4), failed(1, MessageType.EVALUATE), evaluate_reply(2)]
     validator.aggregate_evaluate(5, evaluate)
     assert inner.calls == [("train", 5, [2, 4, 1]), ("evaluate", 5, [2, 4, 1])]
+
+
+def test_under_secagg_every_sound_reply_is_told_why_the_sum_is_discarded():
+    rejections = []
+    validator = _validator(rejections, secure_sum=True)
+    replies = [train_reply(1), train_reply(2), train_reply(3, **{"train-loss": float("nan")})]
+    assert validator.aggregate_train(1, replies) == (None, None)
+    discarded = (
+        "the secure sum it is part of includes a rejected reply, so the round's aggregate is "
+        "discarded"
+    )
+    assert rejections == [
+        (3, MessageType.TRAIN, "its metric 'train-loss' is nan, not a finite number"),
+        (1, MessageType.TRAIN, discarded),
+        (2, MessageType.TRAIN, discarded),
+    ]
