@@ -327,3 +327,25 @@ def test_privacy_defaults_are_auto_clipping_norm_one_and_fresh_entropy(miniature
     assert stats.clipping == "text_features" and torch.equal(implicit, explicit)
     # Unless asked to be deterministic, the same seed gives other draws (noise and sampling).
     assert not torch.equal(trained({})[1], trained({})[1])
+
+
+def test_the_reported_loss_is_the_mean_private_loss_and_time_is_wall_clock(miniature_backbone):
+    features, labels = _site(miniature_backbone, n=8)
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    want = learner.loss(features, labels).item()
+    # Rate 1: every record is in the epoch's one batch; lr 0 leaves the prompt as it was.
+    ledger = SiteLedger.plan(
+        target_epsilon=1e6,
+        num_records=8,
+        batch_size=8,
+        rounds=1,
+        local_epochs=1,
+        accountant="rdp",
+        noise_multiplier=1.0,
+    )
+    stats = dp_train_local(learner, features, labels, {**TRAIN, "lr": 0.0}, PRIVACY, ledger, 0)
+    assert stats.steps == 1 and stats.num_examples == 8
+    assert stats.loss == pytest.approx(want, rel=1e-5)
+    assert 0 < stats.seconds < 600
+    spent = dp_train_local(learner, features, labels, TRAIN, PRIVACY, _ledger(8, epsilon=1e-3), 0)
+    assert spent.budget_exhausted and spent.loss == 0.0 and spent.steps == 0
