@@ -329,7 +329,7 @@ def test_a_held_out_site_is_left_out_and_the_claim_from_another_site_rejected():
     good = [train_reply(2, value=1.0, num_examples=10), train_reply(3, value=2.0, num_examples=30)]
     arrays, _ = validator.aggregate_train(1, [*good, _held_out_reply(9), _held_out_reply(4)])
     np.testing.assert_allclose(arrays["ctx"].numpy(), np.full(SHAPE, 1.75, np.float32))
-    assert [node for node, _ in withheld] == [9] and "held out" in withheld[0][1]
+    assert withheld == [(9, "held out: an unseen site, it only evaluates")]
     assert [(node, why) for node, _, why in rejections] == [
         (4, "it says it is held out of training, but it is not one of the evaluation.holdout_sites")
     ]
