@@ -858,3 +858,19 @@ def test_under_secagg_every_sound_reply_is_told_why_the_sum_is_discarded():
         (1, MessageType.TRAIN, discarded),
         (2, MessageType.TRAIN, discarded),
     ]
+
+
+def test_site_order_is_the_order_of_the_site_names_not_of_the_node_ids():
+    # Flower's node ids are random; the sites' names fix the order (node id only breaks ties).
+    names = {7: "site-0", 3: "site-1", 5: "site-2"}
+    inner, aggregated = _Aggregator(), []
+    validator = UpdateValidation(
+        inner,
+        REFERENCE,
+        site_name=names.__getitem__,
+        on_aggregate=lambda *args: aggregated.append(args),
+    )
+    validator.aggregate_train(1, [train_reply(3), train_reply(5), train_reply(7)])
+    validator.aggregate_evaluate(1, [evaluate_reply(5), evaluate_reply(3), evaluate_reply(7)])
+    assert [node for node, _ in aggregated] == [7, 3, 5]
+    assert inner.calls == [("train", 1, [7, 3, 5]), ("evaluate", 1, [7, 3, 5])]
