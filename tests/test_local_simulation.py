@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import raise_if_taken, start_on_free_ports
 
 from fedprompt.config import ConfigError, compose_config
 from fedprompt.federation import local_simulation
@@ -98,10 +99,12 @@ def test_a_port_taken_before_the_superlink_binds_it_is_replaced(monkeypatch, tmp
 
 
 def test_a_ray_address_where_no_cluster_answers_stops_before_flower():
-    address = f"127.0.0.1:{local_simulation._free_port()}"  # nothing listens there
-    cfg = compose_config("quickstart", [f"federation.ray_address={address}"])
-    with pytest.raises(ConfigError, match=f"federation.ray_address={address}: no Ray cluster"):
-        local_simulation.check_before_flower(cfg)
+    with socket.socket() as held:  # bound, never listening: nothing can answer there meanwhile
+        held.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{held.getsockname()[1]}"
+        cfg = compose_config("quickstart", [f"federation.ray_address={address}"])
+        with pytest.raises(ConfigError, match=f"federation.ray_address={address}: no Ray cluster"):
+            local_simulation.check_before_flower(cfg)
 
 
 def _descendants(pid: int) -> set[int]:
@@ -351,23 +354,33 @@ def _actor_hosts(node_groups: list[int]) -> set[int]:
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_a_simulation_runs_on_a_two_node_ray_cluster(tmp_path):
-    port = local_simulation._free_port()
-    address = f"127.0.0.1:{port}"
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-    nodes = [
-        subprocess.Popen(
-            _ray("--head", "--port", str(port), "--include-dashboard", "false", *common),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    ]
+
+    def start_head(ports: list[int]) -> subprocess.Popen:
+        """The head on ``ports[0]``; PortTaken where its GCS found the port taken."""
+        log = tmp_path / f"head-{ports[0]}.log"
+        with log.open("w") as output:
+            head = subprocess.Popen(
+                _ray("--head", "--port", str(ports[0]), "--include-dashboard", "false", *common),
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while _cluster_nodes(f"127.0.0.1:{ports[0]}") < 1 and time.monotonic() < deadline:
+            if head.poll() is not None:
+                raise_if_taken(log.read_text())  # Ray: "... `Address already in use` ..."
+                break
+            time.sleep(1)
+        return head
+
+    nodes = [start_on_free_ports(start_head)]
+    port = int(nodes[0].args[nodes[0].args.index("--port") + 1])
+    address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
-        while _cluster_nodes(address) < 1 and time.monotonic() < deadline:
-            time.sleep(1)
         nodes.append(
             subprocess.Popen(
                 _ray("--address", address, *common),
