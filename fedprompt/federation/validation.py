@@ -35,9 +35,9 @@ Aggregation = Callable[[int, int], None]
 """Called as ``(node_id, weight)`` for each update handed to the aggregation rule."""
 
 BUDGET_EXHAUSTED_KEY = "dp-budget-exhausted"
+"""Set to 1 by a DP-SGD site whose next round would exceed its privacy budget."""
 HELD_OUT_KEY = "held-out"
 """The train-reply metric of a held-out site (``evaluation.holdout_sites``): it did not train."""
-"""Set to 1 by a DP-SGD site whose next round would exceed its privacy budget."""
 
 
 def _finite_number(value: Any) -> bool:
