@@ -483,6 +483,8 @@ def test_a_site_with_test_images_is_not_warned_about(recwarn):
     # A class with test images but no train images, or absent from both, is no one's concern.
     plan = assign_sites([0, 0, 2, 2], [0, 1, 2, 1, 0, 2], 2, "iid", seed=0)
     assert sum(len(t) for t in plan.test) == 4 and not recwarn.list
+    plan = assign_sites([0, 0, 2, 2], [0, 2, 0, 2], 2, "iid", seed=0)  # class 1 in neither split
+    assert sum(len(t) for t in plan.test) == 4 and not recwarn.list
 
 
 def test_a_class_with_one_train_or_test_image_is_used_and_warned_about():
