@@ -508,6 +508,9 @@ def test_a_seed_gives_the_same_partition_in_every_version():
     )
     assert [t.tolist() for t in plan.train] == [[2, 3, 6, 7], [0, 1, 4, 5]]
     assert [t.tolist() for t in plan.test] == [[1, 3, 5, 8], [0, 2, 4, 6]]
+    iid = assign_sites(np.arange(6) % 2, np.arange(10) % 2, 2, "iid", seed=3)
+    assert [t.tolist() for t in iid.train] == [[2, 4, 5], [0, 1, 3]]
+    assert [t.tolist() for t in iid.test] == [[0, 1, 2, 8, 9], [3, 4, 5, 6, 7]]
 
 
 def test_a_partition_whose_lists_disagree_is_refused():
