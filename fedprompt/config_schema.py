@@ -450,7 +450,7 @@ def _tasks_problem(cfg: DictConfig) -> str | None:
 def _personalization_problem(cfg: DictConfig) -> str | None:
     """Why the chosen personalization cannot run with the method or privacy, or None."""
     scheme, method = _group(cfg, "personalization"), _group(cfg, "method")
-    if scheme in ("", "none"):
+    if scheme == "none":  # personalization.name is never absent: its rule refuses null first
         return None
     if method == "zeroshot" or _value(cfg, "method.solver") == "lbfgs":
         what = "method=zeroshot" if method == "zeroshot" else "method.solver=lbfgs"

@@ -655,6 +655,8 @@ CROSS_CHECK_REFUSALS = [
     ),
 ]
 CROSS_CHECK_EDGES_THAT_PASS = [
+    ["method=kgcoop", "personalization=promptfolio"],
+    ["method=kgcoop", "personalization=finetune"],
     ["federation.mode=deployment", "federation.num_sites=2", "federation.min_sites=2"],
     ["privacy=site_level", "federation.fraction_train=1.0"],
     ["protocol=base_to_novel", "evaluation.central=true"],
@@ -708,3 +710,23 @@ def test_the_site_size_checks_refuse_at_their_edges_in_whole_sentences():
         "sites, another partition or more shots."
     )
     check_site_sizes(compose_config("quickstart", []), {"site-0": 1})
+
+
+def test_the_budget_check_uses_the_sites_own_delta_and_names_the_smallest_site_first():
+    # A tiny epsilon the most noise meets only at the explicit, larger delta (not at 1/(10 n)).
+    explicit = ["privacy=dpsgd", "privacy.epsilon=0.001", "privacy.delta=0.04"]
+    check_site_sizes(compose_config("quickstart", explicit), {"site-0": 20})
+    with pytest.raises(ConfigError, match=r"^Site site-0 \(20 training images\): privacy.epsilon"):
+        check_site_sizes(compose_config("quickstart", explicit[:2]), {"site-0": 20})
+    # Sites are checked from the smallest, so the refusal names the one furthest from enough.
+    with pytest.raises(ConfigError, match=r"^Site site-1 holds 8 training images"):
+        check_site_sizes(
+            compose_config("quickstart", ["privacy=dpsgd"]), {"site-0": 9, "site-1": 8}
+        )
+
+
+def test_a_given_noise_multiplier_skips_the_budget_calibration():
+    cfg = compose_config(
+        "quickstart", ["privacy=dpsgd", "privacy.epsilon=1e9", "privacy.noise_multiplier=1.0"]
+    )
+    check_site_sizes(cfg, {"site-0": 40})
