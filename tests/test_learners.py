@@ -1,5 +1,6 @@
 """Every registered learner: shapes, gradients, federation round trip, learning, declared flags."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,21 @@ TASK_LR = {"clip_adapter": 1.0, "linear_probe": 1.0}
 
 
 @pytest.fixture(scope="module")
-def learners(miniature_backbone):
+def built_learners(miniature_backbone):
     """One learner per method with the paper defaults, built once (construction encodes text)."""
     torch.manual_seed(0)
     return {name: create_learner(name, miniature_backbone, CLASSES) for name in LEARNERS}
+
+
+@pytest.fixture
+def learners(built_learners):
+    """The module's learners, given back as built after each test, whatever the test changed."""
+    saved = {name: copy.deepcopy(learner.state_dict()) for name, learner in built_learners.items()}
+    yield built_learners
+    for name, learner in built_learners.items():
+        learner.load_state_dict(saved[name])
+        learner.zero_grad(set_to_none=True)
+        learner.eval()
 
 
 def _batch(backbone, n=8, seed=0):
@@ -218,8 +230,9 @@ def test_grouped_prompts_match_one_prompt_at_a_time(request, fixture):
     torch.testing.assert_close(grouped, separate, rtol=1e-4, atol=1e-5)
 
 
-def test_cocoop_prompts_depend_on_the_image(learners, miniature_backbone):
-    learner = learners["cocoop"]
+def test_cocoop_prompts_depend_on_the_image(miniature_backbone):
+    torch.manual_seed(0)
+    learner = create_learner("cocoop", miniature_backbone, CLASSES)
     _perturb(learner, seed=5)
     features, _ = _batch(miniature_backbone, n=2)
     with torch.no_grad():

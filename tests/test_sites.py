@@ -1,3 +1,4 @@
+import functools
 import json
 from pathlib import Path
 
@@ -7,6 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import fedprompt.config
+from fedprompt import site_rounds
 from fedprompt.cli import main
 from fedprompt.config import compose_config
 from fedprompt.data.acquisition import draw_profile
@@ -31,10 +33,17 @@ needs_shared = pytest.mark.skipif(
 
 
 def _without_shared(tmp_path, monkeypatch):
-    """As in a checkout without ../shared beside it: the shipped relative root resolves nowhere."""
+    """As in a checkout without ../shared beside it: the shipped relative root resolves nowhere.
+
+    With an empty cache of the sites' splits for the test: the config names the same relative
+    root either way, so the process's cache would hand the stand-in's splits to later tests (and
+    the real ones to this test, had another test read them first).
+    """
     monkeypatch.setenv("FEDPROMPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(fedprompt.config, "PROJECT_DIR", tmp_path / "checkout")
     monkeypatch.chdir(tmp_path)
+    fresh = functools.lru_cache(maxsize=8)(site_rounds._splits_and_plan.__wrapped__)
+    monkeypatch.setattr(site_rounds, "_splits_and_plan", fresh)
 
 
 def test_missing_quickstart_data_gets_a_synthetic_stand_in(tmp_path, monkeypatch):
