@@ -156,13 +156,15 @@ def miniature_native_backbone(backbone_cache_dir: Path) -> Backbone:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _miniatures_built_before_flower_runs(request: pytest.FixtureRequest) -> None:
-    """A session with an ``e2e`` test builds the miniatures before its first test.
+def _caches_filled_before_flower_runs(request: pytest.FixtureRequest) -> None:
+    """A session with an ``e2e`` test builds the miniatures and matplotlib's font list first.
 
-    The processes Flower starts then find them in ``FEDPROMPT_CACHE`` whichever test comes first;
-    otherwise the first of them would build one, taking its time (a round's heartbeat lines) and
-    printing open_clip's notices into the output some tests count.
+    The processes Flower starts then find them in the session's caches whichever test comes first;
+    otherwise the first of them would build them, taking its time (a round's heartbeat lines) and
+    printing open_clip's or matplotlib's notices into the output some tests count.
     """
     if any(item.get_closest_marker("e2e") for item in request.session.items):
+        import matplotlib.font_manager  # noqa: F401  (its first import writes the font list)
+
         request.getfixturevalue("miniature_backbone")
         request.getfixturevalue("miniature_native_backbone")
