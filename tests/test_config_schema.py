@@ -395,6 +395,11 @@ def test_the_specification_covers_every_rule():
 # setting it lets pass.
 CROSS_CHECK_REFUSALS = [
     (
+        ["federation.site_datasets=[btmri_mini,synthetic,busi]", "federation.mode=deployment"],
+        "federation.site_datasets simulates sites with different tasks; a deployed federation "
+        "shares one class list, so leave it null.",
+    ),
+    (
         ["federation.mode=deployment", "federation.num_sites=2", "federation.min_sites=3"],
         (
             "federation.min_sites=3 is more than federation.num_sites=2; it must be at most the "
@@ -655,6 +660,7 @@ CROSS_CHECK_REFUSALS = [
     ),
 ]
 CROSS_CHECK_EDGES_THAT_PASS = [
+    ["personalization=fedotp"],
     ["method=kgcoop", "personalization=promptfolio"],
     ["method=kgcoop", "personalization=finetune"],
     ["federation.mode=deployment", "federation.num_sites=2", "federation.min_sites=2"],
