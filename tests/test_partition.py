@@ -598,3 +598,12 @@ def test_partitions_json_is_written_beside_the_target_then_renamed(tmp_path, mon
     write_partitions_json(path, {"scheme": "iid"})
     ((src, dst),) = renames
     assert dst == path and src.parent == tmp_path and src.name.startswith(".partitions.json.")
+
+
+def test_column_labels_are_partitioned_as_flat_ones():
+    # MedMNIST and other readers give labels as an (N, 1) column.
+    flat = np.repeat(np.arange(4), 10)
+    column = assign_sites(flat[:, None], np.arange(4)[:, None], 2, "iid", seed=3)
+    expected = assign_sites(flat, np.arange(4), 2, "iid", seed=3)
+    for got, want in zip(column.train + column.test, expected.train + expected.test, strict=True):
+        np.testing.assert_array_equal(got, want)
