@@ -168,3 +168,17 @@ def _caches_filled_before_flower_runs(request: pytest.FixtureRequest) -> None:
 
         request.getfixturevalue("miniature_backbone")
         request.getfixturevalue("miniature_native_backbone")
+
+
+@pytest.fixture
+def renames(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, Path]]:
+    """Every ``os.replace(src, dst)`` the test makes, recorded and then carried out."""
+    made: list[tuple[Path, Path]] = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        made.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return made

@@ -564,15 +564,7 @@ def test_a_saved_entry_holds_its_key_kind_meta_and_checksums(tmp_path):
     assert store.save(BACKBONE_ID, KEY, "features", tensors, meta) == path  # rewritten in place
 
 
-def test_a_store_writes_a_hidden_temporary_file_beside_the_target(tmp_path, monkeypatch):
-    renames = []
-    real_replace = os.replace
-
-    def replace(src, dst):
-        renames.append((Path(src), Path(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
+def test_a_store_writes_a_hidden_temporary_file_beside_the_target(tmp_path, renames):
     path = FeatureStore(tmp_path).save(BACKBONE_ID, KEY, "features", {"x": torch.ones(2)}, {})
     ((src, dst),) = renames
     assert dst == path and src.parent == path.parent and src.name.startswith(f".{path.name}.")

@@ -585,15 +585,7 @@ def test_partitions_json_is_indented_and_rewritable(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["partitions.json"]
 
 
-def test_partitions_json_is_written_beside_the_target_then_renamed(tmp_path, monkeypatch):
-    renames = []
-    real_replace = os.replace
-
-    def replace(src, dst):
-        renames.append((Path(src), Path(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
+def test_partitions_json_is_written_beside_the_target_then_renamed(tmp_path, renames):
     path = tmp_path / "partitions.json"
     write_partitions_json(path, {"scheme": "iid"})
     ((src, dst),) = renames
