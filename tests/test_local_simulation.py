@@ -229,6 +229,18 @@ def _still_running(seen: dict[int, tuple[str, str]]) -> dict[int, str]:
     return {pid: name for pid, (name, start) in seen.items() if _start_time(pid) == start}
 
 
+def _record_tree(root: int, seen: dict[int, tuple[str, str]]) -> None:
+    """Record every live descendant of ``root`` under its current name.
+
+    The name is refreshed on every pass: a child seen between its fork and its exec still
+    bears its parent's name (Ray's raylet first shows as the driver's), so the first sight
+    is not the name it runs under.
+    """
+    for pid in _descendants(root):
+        if (start := _start_time(pid)) is not None:
+            seen[pid] = (_name(pid), start)
+
+
 def _metric_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
@@ -260,14 +272,10 @@ def test_sigkill_of_the_cli_ends_every_process_it_started(tmp_path):
     try:
         deadline = time.monotonic() + 600
         while cli.poll() is None and time.monotonic() < deadline and not _metric_lines(metrics):
-            for pid in _descendants(cli.pid):
-                if (start := _start_time(pid)) is not None:
-                    seen.setdefault(pid, (_name(pid), start))
+            _record_tree(cli.pid, seen)
             time.sleep(0.1)
         assert cli.poll() is None and _metric_lines(metrics), log.read_text()[-3000:]
-        for pid in _descendants(cli.pid):
-            if (start := _start_time(pid)) is not None:
-                seen.setdefault(pid, (_name(pid), start))
+        _record_tree(cli.pid, seen)
         names = {name for name, _ in seen.values()}
         assert {"flower-superlin", "flower-superexe", "gcs_server", "raylet"} <= names, names
         written = _metric_lines(metrics)
