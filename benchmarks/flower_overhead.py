@@ -8,7 +8,8 @@ The same rounds are timed three ways, side by side in one run, on cached feature
 - through Flower: ``fedprompt simulate quickstart`` with ``federation.client_cpus=2`` on this
   2-core machine, so one Ray actor serves the sites one after another; the round time is the
   ``seconds`` of ``metrics.jsonl`` (train, evaluate and central evaluation), median over the
-  rounds after the first (which loads the backbone in the actor);
+  rounds after the first; round 1 is printed beside it (the actors load their backbone while
+  the server prepares, ``ActorWarmUp``, so round 1 should cost what the later rounds cost);
 - through the ClientApp in this process: for every site a train and an evaluate ``Message``,
   serialised to protobuf bytes and back both ways as on the wire, handled by fedprompt's
   ``ClientApp`` (its config bridge and site set-up included), the replies aggregated by FedAvg,
@@ -151,19 +152,23 @@ def clientapp_round(cfg: DictConfig, overrides: list[str]) -> None:
     evaluate(learner, features, labels, len(splits.classnames))
 
 
-def flower_rounds(overrides: list[str], workdir: Path) -> list[dict]:
-    """Run ``fedprompt simulate`` and return its ``metrics.jsonl`` lines."""
+def flower_rounds(overrides: list[str], workdir: Path) -> tuple[list[dict], float, str]:
+    """Run ``fedprompt simulate``: its ``metrics.jsonl`` lines, wall seconds and warm-up line."""
     command = [str(Path(sys.executable).with_name("fedprompt")), "simulate", "quickstart"]
     log = workdir / "simulate.log"
+    start = time.perf_counter()
     with log.open("w") as out:
         code = subprocess.run(
             command + overrides, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ)
         ).returncode
+    wall = time.perf_counter() - start
+    text = log.read_text(errors="replace")
     if code != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        tail = "\n".join(text.splitlines()[-30:])
         raise RuntimeError(f"fedprompt simulate failed ({code}):\n{tail}")
     lines = (workdir / "run" / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    ready = next((line for line in text.splitlines() if "sites ready after" in line), "")
+    return [json.loads(line) for line in lines], wall, ready.split("[fedprompt] ")[-1]
 
 
 def main() -> None:
@@ -193,7 +198,7 @@ def main() -> None:
         }
         runs["clientapp"]()  # composes the run-config's config once, as an actor does
         before = interleaved_seconds(runs, repeats=2)
-        lines = flower_rounds(overrides, workdir)
+        lines, wall, ready = flower_rounds(overrides, workdir)
         after = interleaved_seconds(runs, repeats=2)
 
     direct = median(before["direct"] + after["direct"])
@@ -226,6 +231,11 @@ def main() -> None:
         f"= {100 * (in_process - direct) / through_flower:.1f}%"
     )
     print(f"  Flower round times, s: {[round(line['seconds'], 2) for line in lines]}")
+    first = lines[0]["seconds"]
+    print(
+        f"  round 1: {first:.2f} s = x{first / through_flower:.2f} the later rounds' median "
+        f"(the actors' warm-up: {ready or 'not logged'}); fedprompt simulate wall {wall:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ class InProcessGrid(Grid):
         self.apps = {FIRST_NODE_ID + i: app for i, app in (apps or {}).items()}
         self.offline: set[int] = set()
         self.replies: list[Message] = []
+        self._unpulled: dict[str, Message] = {}
 
     def set_run(self, run: Run) -> None:
         """Keep the run."""
@@ -100,34 +101,42 @@ class InProcessGrid(Grid):
         ]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Not used by strategies, which call ``send_and_receive``."""
-        raise NotImplementedError("InProcessGrid answers through send_and_receive only.")
+        """Each online node answers at once; ``pull_messages`` hands the answers over."""
+        ids = []
+        for message in messages:
+            reply = self._deliver(message)
+            ids.append(message.metadata.message_id)
+            if reply is not None:
+                self._unpulled[message.metadata.message_id] = reply
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Not used by strategies, which call ``send_and_receive``."""
-        raise NotImplementedError("InProcessGrid answers through send_and_receive only.")
+        """The answers to these messages not pulled yet (an offline node's never come)."""
+        return [self._unpulled.pop(i) for i in message_ids if i in self._unpulled]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Each online node answers at once; an offline node never does."""
-        replies = []
-        for message in messages:
-            # Flower's grids give each message its id the same way, in place.
-            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            node_id = message.metadata.dst_node_id
-            if node_id in self.offline:
-                continue
-            app = self.apps.get(node_id, fedprompt_client_app)
-            # Each node gets its own copy, as after a trip through the SuperLink: a ClientApp
-            # (Flower's SecAgg+ mod, for one) may change the content it receives.
-            delivered = Message(metadata=message.metadata, content=copy.deepcopy(message.content))
-            try:
-                reply = app(delivered, self.contexts[node_id])
-            except Exception as err:  # a ClientApp that raises gets Flower's error reply
-                reason = f"{type(err)}:<'{err}'>"
-                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
-                reply = Message(error, reply_to=message)
-            replies.append(reply)
-        self.replies += replies
-        return replies
+        replies = [self._deliver(message) for message in messages]
+        return [reply for reply in replies if reply is not None]
+
+    def _deliver(self, message: Message) -> Message | None:
+        """The node's answer to ``message`` (kept in ``replies``); None from an offline node."""
+        # Flower's grids give each message its id the same way, in place.
+        message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+        node_id = message.metadata.dst_node_id
+        if node_id in self.offline:
+            return None
+        app = self.apps.get(node_id, fedprompt_client_app)
+        # Each node gets its own copy, as after a trip through the SuperLink: a ClientApp
+        # (Flower's SecAgg+ mod, for one) may change the content it receives.
+        delivered = Message(metadata=message.metadata, content=copy.deepcopy(message.content))
+        try:
+            reply = app(delivered, self.contexts[node_id])
+        except Exception as err:  # a ClientApp that raises gets Flower's error reply
+            reason = f"{type(err)}:<'{err}'>"
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+            reply = Message(error, reply_to=message)
+        self.replies.append(reply)
+        return reply

@@ -45,6 +45,7 @@ from fedprompt.evaluation.plots import (
     reliability_diagram,
     site_reliability_diagrams,
 )
+from fedprompt.federation.actor_warmup import ActorWarmUp
 from fedprompt.federation.checkpoint import (
     Checkpoint,
     RoundOffset,
@@ -600,8 +601,12 @@ def _write_failure(
     log(ERROR, "[fedprompt] the run failed after %d rounds: %s", completed, reason)
 
 
-def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
-    """Run (or continue) ``federation.rounds`` rounds over the sites' prompts; return a summary."""
+def run_federation(grid: Grid, cfg: DictConfig, *, warm_up: bool = False) -> dict[str, Any]:
+    """Run (or continue) ``federation.rounds`` rounds over the sites' prompts; return a summary.
+
+    ``warm_up`` (a simulation's first run in its actors): the nodes load their backbone while
+    this server prepares (``ActorWarmUp``), so round 1 does not wait for their cold start.
+    """
     started = time.perf_counter()
     check_config(cfg)
     # The same draws whether this process is fresh or has run other points of a grid before.
@@ -610,6 +615,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     mode = str(cfg.federation.mode)
     if mode == "simulation":
         check_site_sizes(cfg, site_train_sizes(cfg))
+    warming = ActorWarmUp(grid) if warm_up and mode == "simulation" else None
     secagg = secagg_settings(cfg)
     if site_tasks(cfg):
         dataset = "+".join(dataset_name(with_dataset(cfg, name)) for name in site_tasks(cfg))
@@ -652,6 +658,8 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     else:
         wait_for_sites(metered, num_sites, connect_timeout, min_sites=min_sites)
         min_available = min_sites
+    if warming is not None:
+        warming.wait(connect_timeout)
     held_out = held_out_sites(cfg, sites.site_names)
     site_classes = _site_classes(cfg, learner)
     strategy, site_level = _strategy(

@@ -31,7 +31,7 @@ def main(grid: Grid, context: Context) -> None:
         run_plan(grid, GridPlan.load(str(plan)))
         return
     try:
-        run_federation(grid, config_from_run_config(context.run_config))
+        run_federation(grid, config_from_run_config(context.run_config), warm_up=True)
     except USER_ERRORS as err:
         log(ERROR, "[fedprompt] %s", err)
         raise RunFailed(str(err)) from None
