@@ -1,7 +1,9 @@
 """A site's local tensors on its disk: one file per round, the newest no later than asked."""
 
+import pytest
 import torch
 
+from fedprompt.data.image_set import DataError
 from fedprompt.personalization.local_store import LocalStore
 
 
@@ -30,3 +32,16 @@ def test_other_files_in_the_folder_are_not_rounds(tmp_path):
     (tmp_path / ".round-3.safetensors.tmp").write_bytes(b"half")  # a crash mid-write
     store.save(2, {"ctx": torch.ones(1)})
     assert store.rounds() == [2] and store.latest(9)[0] == 2
+
+
+def test_a_damaged_round_file_is_refused_in_one_sentence_naming_it(tmp_path):
+    store = LocalStore(tmp_path)
+    store.save(1, {"ctx": torch.ones(2)})
+    store.save(2, {"ctx": torch.ones(2)})
+    damaged = tmp_path / "round-2.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:20])  # cut short, or tampered with
+    with pytest.raises(DataError, match=r"round 2, .*round-2\.safetensors, cannot be read"):
+        store.latest(2)
+    assert store.latest(1)[0] == 1  # the earlier round is still read
+    damaged.unlink()  # what the sentence offers
+    assert store.latest(2)[0] == 1

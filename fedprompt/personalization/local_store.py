@@ -15,7 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from fedprompt.data.image_set import DataError
 
 _NAME = re.compile(r"round-(\d+)\.safetensors")
 
@@ -51,4 +54,12 @@ class LocalStore:
         if not earlier:
             return None
         newest = earlier[-1]
-        return newest, load_file(str(self.directory / f"round-{newest}.safetensors"))
+        path = self.directory / f"round-{newest}.safetensors"
+        try:
+            return newest, load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise DataError(
+                f"The site's personalized tensors of round {newest}, {path}, cannot be read "
+                f"({err}); restore the file from a backup, or delete it and the site continues "
+                "from its newest earlier round."
+            ) from err
