@@ -1,6 +1,6 @@
 """Exact per-sample DP clipping equals a loop over single samples, for any learner."""
 
-import re
+import importlib
 import warnings
 
 import pytest
@@ -212,10 +212,12 @@ def test_auto_falls_back_to_one_backward_per_record_and_says_so(miniature_backbo
     _assert_close_to_scale(learner.ctx.grad, expected.sum(dim=0) / 3)
     torch.testing.assert_close(loss, F.cross_entropy(learner(features), labels, reduction="sum"))
     (record,) = caplog.records
-    assert re.fullmatch(
-        r"DataDependent's loss cannot run under torch\.func\.vmap \([^\n]+\); exact DP clipping "
-        r"falls back to one backward pass per record\.",
-        record.getMessage(),
+    with pytest.raises(RuntimeError) as raised:
+        per_sample_gradients(learner, features, labels)
+    first_line = str(raised.value).splitlines()[0]  # the log quotes the error's first line
+    assert record.getMessage() == (
+        f"DataDependent's loss cannot run under torch.func.vmap ({first_line}); exact DP "
+        "clipping falls back to one backward pass per record."
     )
     caplog.clear()
     clipper.private_gradient(features, labels, {})  # decided once: no second attempt, no log
@@ -255,3 +257,80 @@ def test_each_record_draws_its_own_randomness_and_nothing_warns(miniature_backbo
     assert [str(warning.message) for warning in caught] == []
     # Six copies of one record: with one dropout mask per record, their gradients differ.
     assert len({tuple(row.flatten().tolist()) for row in grads["ctx"]}) > 1
+
+
+def _count_loss_calls(monkeypatch):
+    """How often the private loss is traced: once per ``vmap`` chunk."""
+    module = importlib.import_module("fedprompt.privacy.per_sample_gradients")
+    calls = []
+    traced = module.private_loss
+
+    def counted(*args):
+        calls.append(1)
+        return traced(*args)
+
+    monkeypatch.setattr(module, "private_loss", counted)
+    return calls
+
+
+def test_chunk_size_bounds_the_records_per_vmap_call(miniature_backbone, monkeypatch):
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone, n=7, seed=8)
+    calls = _count_loss_calls(monkeypatch)
+    whole, _ = per_sample_gradients(learner, features, labels)
+    assert len(calls) == 1
+    chunked, _ = per_sample_gradients(learner, features, labels, chunk_size=3)
+    assert len(calls) == 1 + 3  # 3 + 3 + 1 records
+    _assert_close_to_scale(chunked["ctx"], whole["ctx"])
+    clipper = ExactClipping(
+        learner,
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=7,
+        noise_generator=None,
+        step_hook=lambda optimizer: None,
+        chunk_size=2,
+    )
+    for expected in (4 + 4, 4 + 4 + 4):  # the first step decides vmap; the next keeps chunking
+        clipper.private_gradient(features, labels, {})
+        assert len(calls) == expected
+    assert clipper.method == "vmap"
+    clipper.close()
+
+
+class WarnsItself(CoOp):
+    """A loss that warns about something of its own."""
+
+    def loss(self, image_features, labels):
+        warnings.warn("a warning of the learner's own", UserWarning, stacklevel=2)
+        return super().loss(image_features, labels)
+
+
+def test_only_the_slow_batching_warning_is_silenced_under_vmap(miniature_backbone):
+    learner = WarnsItself(miniature_backbone, CLASSES)
+    features, labels = _batch(miniature_backbone, n=3, seed=9)
+    with pytest.warns(UserWarning, match="a warning of the learner's own"):
+        per_sample_gradients(learner, features, labels)
+
+
+def test_the_noise_comes_from_the_generator_given(miniature_backbone):
+    features, labels = _batch(miniature_backbone, n=4, seed=10)
+
+    def noisy_gradient(seed):
+        learner = create_learner("coop", miniature_backbone, CLASSES)
+        clipper = ExactClipping(
+            learner,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+            noise_generator=torch.Generator().manual_seed(seed),
+            step_hook=lambda optimizer: None,
+        )
+        clipper.private_gradient(features, labels, {})
+        clipper.close()
+        return learner.ctx.grad
+
+    first = noisy_gradient(7)
+    torch.manual_seed(123)  # the global generator moves on; the given one decides the noise
+    assert torch.equal(noisy_gradient(7), first)
+    assert not torch.equal(noisy_gradient(8), first)

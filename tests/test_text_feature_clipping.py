@@ -199,3 +199,39 @@ def test_text_features_and_images_of_another_dtype_are_clipped_in_the_heads(mini
     torch.testing.assert_close(learner.ctx.grad, plain, rtol=1e-4, atol=1e-6)
     want = F.cross_entropy(learner(features), labels, reduction="sum")
     torch.testing.assert_close(loss, want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_learners_own_losses_see_the_batchs_image_features(miniature_backbone):
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    scale = learner.backbone.logit_scale()
+    learner.private_sample_losses = lambda similarities, labels, image_features: (
+        F.cross_entropy(scale * similarities, labels, reduction="none") * (2 + image_features[:, 0])
+    )
+    features, labels = _batch(miniature_backbone, n=5, seed=6)
+    loss = _clipper(learner, 1e9, expected_batch_size=5).private_gradient(features, labels, {})
+    per_record = F.cross_entropy(learner(features), labels, reduction="none")
+    torch.testing.assert_close(loss, (per_record * (2 + features[:, 0])).sum())
+
+
+class _WarnsInBackward(torch.autograd.Function):
+    """Identity whose backward pass warns (a loss term with a warning of its own)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        warnings.warn("a warning of the loss's own backward", UserWarning, stacklevel=1)
+        return grad
+
+
+def test_only_opacus_hook_warning_is_silenced_in_the_backward_pass(miniature_backbone):
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    scale = learner.backbone.logit_scale()
+    learner.private_sample_losses = lambda similarities, labels, image_features: (
+        F.cross_entropy(_WarnsInBackward.apply(scale * similarities), labels, reduction="none")
+    )
+    features, labels = _batch(miniature_backbone, n=3, seed=7)
+    with pytest.warns(UserWarning, match="a warning of the loss's own backward"):
+        _clipper(learner, 1.0, expected_batch_size=3).private_gradient(features, labels, {})

@@ -203,13 +203,11 @@ class ExactClipping:
         labels: torch.Tensor,
         extras: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """Sets the trainable ``.grad`` to the noisy mean of clipped per-record gradients."""
-        device = next(iter(self.params.values())).device
-        grads, losses = self._gradients(
-            image_features.to(device),
-            labels.to(device),
-            {k: v.to(device) for k, v in extras.items()},
-        )
+        """Sets the trainable ``.grad`` to the noisy mean of clipped per-record gradients.
+
+        The inputs are on the learner's device already (``dp_training`` moves them once).
+        """
+        grads, losses = self._gradients(image_features, labels, extras)
         self.optimizer.zero_grad(set_to_none=True)
         for name, param in self.params.items():
             param.grad_sample = grads[name].detach()

@@ -59,7 +59,7 @@ class TextFeatureClipping:
             bias=False,
             device=learner.backbone.device,
         )
-        self.head = GradSampleModule(head, batch_first=True, loss_reduction="sum")
+        self.head = GradSampleModule(head, loss_reduction="sum")
         self.weight = head.weight
         self.optimizer = noisy_aggregator(
             [self.weight],
@@ -84,11 +84,11 @@ class TextFeatureClipping:
         is still a valid, noised and accounted step.
         """
         with torch.no_grad():
-            self.weight.copy_(text_features.detach().to(self.weight.dtype))
+            self.weight.copy_(text_features.detach())  # copy_ casts to the head's dtype
         self.optimizer.zero_grad(set_to_none=True)
         for param in self.trainable:
             param.grad = None
-        image_features = image_features.to(self.weight.device, self.weight.dtype)
+        image_features = image_features.to(dtype=self.weight.dtype)
         similarities = self.head(image_features)
         losses = private_sample_losses(self.learner, similarities, labels, image_features, extras)
         with warnings.catch_warnings():
@@ -114,9 +114,8 @@ class TextFeatureClipping:
         """Sets the learner's trainable ``.grad`` to J^T (noisy dL/dT); returns the loss sum."""
         text = self.learner.text_features()
         noisy, losses = self.noisy_text_feature_gradient(text, image_features, labels, extras)
-        grads = torch.autograd.grad(
-            text, self.trainable, grad_outputs=noisy.to(text.dtype), allow_unused=True
-        )
+        # autograd casts the head's float32 gradient to the text features' own dtype.
+        grads = torch.autograd.grad(text, self.trainable, grad_outputs=noisy, allow_unused=True)
         for param, grad in zip(self.trainable, grads, strict=True):
             param.grad = torch.zeros_like(param) if grad is None else grad
         return losses.sum()
