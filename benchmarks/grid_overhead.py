@@ -1,7 +1,7 @@
 """The fixed cost of each run of a grid: one simulation per run against one session for all.
 
 Usage: python benchmarks/grid_overhead.py [--quick] [--seeds 6] [--rounds 1]
-       [--backbone miniature]
+       [--backbone miniature] [--override KEY=VALUE ...]
 
 The same grid of runs (the quickstart, seeds 1..N, each seed once centralized on one site and
 once federated on three) runs twice in one invocation, through ``run_grid`` as ``fedprompt
@@ -19,6 +19,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from common import machine_line
@@ -26,8 +27,11 @@ from common import machine_line
 from fedprompt.experiments.grid import Point, run_grid, run_point
 
 
-def grid(seeds: int, rounds: int, backbone: str) -> list[Point]:
-    """Seeds 1..``seeds``, each centralized (one site) and federated (three sites)."""
+def grid(seeds: int, rounds: int, backbone: str, extra: Sequence[str] = ()) -> list[Point]:
+    """Seeds 1..``seeds``, each centralized (one site) and federated (three sites).
+
+    ``extra``: overrides every run adds (``device=cuda federation.client_gpus=0.25`` on a GPU).
+    """
     points = []
     for seed in range(1, seeds + 1):
         for name, sites in (("central", 1), ("federated", 3)):
@@ -36,6 +40,7 @@ def grid(seeds: int, rounds: int, backbone: str) -> list[Point]:
                 f"backbone={backbone}",
                 f"federation.num_sites={sites}",
                 f"federation.rounds={rounds}",
+                *extra,
             )
             points.append(Point(f"{name}-{seed}", overrides, {"seed": seed}, f"{name} {seed}"))
     return points
@@ -69,11 +74,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--backbone", default="miniature")
+    parser.add_argument(
+        "--override", action="append", default=[], help="KEY=VALUE every run adds (repeatable)"
+    )
     args = parser.parse_args()
     seeds = 2 if args.quick else args.seeds
-    points = grid(seeds, args.rounds, args.backbone)
+    points = grid(seeds, args.rounds, args.backbone, args.override)
     print(f"machine: {machine_line()}")
-    print(f"grid: quickstart, {len(points)} runs of {args.rounds} round(s), {args.backbone}")
+    print(
+        f"grid: quickstart, {len(points)} runs of {args.rounds} round(s), {args.backbone} "
+        f"{' '.join(args.override)}"
+    )
     with tempfile.TemporaryDirectory(prefix="fedprompt-grid-") as tmp:
         measure(points[:2], Path(tmp, "warm-cache"), one_per_run=False)  # fills the caches
         old = measure(points, Path(tmp, "old"), one_per_run=True)
