@@ -1,6 +1,7 @@
 """DP local training: the ledger counts steps, the budget stops a site, public terms skip noise."""
 
 import copy
+import importlib
 from dataclasses import replace
 
 import pytest
@@ -349,3 +350,48 @@ def test_the_reported_loss_is_the_mean_private_loss_and_time_is_wall_clock(minia
     assert 0 < stats.seconds < 600
     spent = dp_train_local(learner, features, labels, TRAIN, PRIVACY, _ledger(8, epsilon=1e-3), 0)
     assert spent.budget_exhausted and spent.loss == 0.0 and spent.steps == 0
+
+
+def test_a_call_without_its_round_trains_as_round_one_of_one(miniature_backbone):
+    features, labels = _site(miniature_backbone, n=12)
+    train = {**TRAIN, "local_epochs": 2, "lr_schedule": "cosine"}
+
+    def trained(**round_args):
+        learner = create_learner("coop", miniature_backbone, CLASSES)
+        ledger = _ledger(n=12)
+        dp_train_local(learner, features, labels, train, PRIVACY, ledger, seed=0, **round_args)
+        return learner.ctx.detach().clone()
+
+    implicit = trained()
+    assert torch.equal(implicit, trained(server_round=1, num_rounds=1))
+    assert not torch.equal(implicit, trained(server_round=1, num_rounds=2))  # a slower cosine
+    assert not torch.equal(implicit, trained(server_round=2, num_rounds=2))
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(24, 6), (12, 1)])
+def test_the_noisy_sum_is_divided_by_the_expected_batch_size(
+    miniature_backbone, monkeypatch, n, batch_size
+):
+    """q * n, as Opacus plans it: the batch size the ledger was planned with."""
+    module = importlib.import_module("fedprompt.privacy.dp_training")
+    seen = []
+    real = module.TextFeatureClipping
+
+    def spy(learner, **settings):
+        seen.append(settings["expected_batch_size"])
+        return real(learner, **settings)
+
+    monkeypatch.setattr(module, "TextFeatureClipping", spy)
+    features, labels = _site(miniature_backbone, n=n)
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    ledger = SiteLedger.plan(
+        target_epsilon=1e4,
+        num_records=n,
+        batch_size=batch_size,
+        rounds=1,
+        local_epochs=1,
+        accountant="rdp",
+        noise_multiplier=1.0,
+    )
+    dp_train_local(learner, features, labels, TRAIN, PRIVACY, ledger, seed=0)
+    assert seen == [batch_size]

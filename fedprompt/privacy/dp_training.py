@@ -180,7 +180,7 @@ def dp_train_local(
             f"{type(learner).__name__} needs patch tokens but none were cached for this site."
         )
     device = learner.backbone.device
-    sampling, noise = _generators(seed, bool(privacy_cfg.get("deterministic", False)), device)
+    sampling, noise = _generators(seed, bool(privacy_cfg.get("deterministic")), device)
     views_generator = torch.Generator().manual_seed(seed)
     settings: dict[str, Any] = {
         "noise_multiplier": ledger.noise_multiplier,

@@ -63,7 +63,7 @@ def private_sample_losses(
     if compute is not None:
         return compute(similarities, labels, image_features, **extras)
     logits = learner.backbone.logit_scale() * similarities
-    return F.cross_entropy(logits, labels.to(logits.device), reduction="none")
+    return F.cross_entropy(logits, labels, reduction="none")
 
 
 def private_loss(
