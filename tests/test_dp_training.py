@@ -395,3 +395,63 @@ def test_the_noisy_sum_is_divided_by_the_expected_batch_size(
     )
     dp_train_local(learner, features, labels, TRAIN, PRIVACY, ledger, seed=0)
     assert seen == [batch_size]
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_the_exact_chunk_size_reaches_the_exact_clipper(miniature_backbone, monkeypatch, chunk):
+    module = importlib.import_module("fedprompt.privacy.dp_training")
+    seen = []
+    real = module.ExactClipping
+
+    def spy(learner, **settings):
+        seen.append(settings["chunk_size"])
+        return real(learner, **settings)
+
+    monkeypatch.setattr(module, "ExactClipping", spy)
+    features, labels = _site(miniature_backbone, n=12)
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    privacy = {**PRIVACY, "clipping": "exact", "exact_chunk_size": chunk}
+    dp_train_local(learner, features, labels, TRAIN, privacy, _ledger(n=12), seed=0)
+    assert seen == [chunk]
+
+
+def test_an_empty_poisson_batch_is_a_step_like_any_other(miniature_backbone, monkeypatch):
+    """At q = 0.1 a batch is empty with probability 0.9 ** 10: a noised, accounted step."""
+    sizes = []
+    module = importlib.import_module("fedprompt.privacy.dp_training")
+    real = module.TextFeatureClipping
+
+    class Counting(real):
+        def private_gradient(self, image_features, labels, extras):
+            sizes.append(len(labels))
+            return super().private_gradient(image_features, labels, extras)
+
+    monkeypatch.setattr(module, "TextFeatureClipping", Counting)
+    features, labels = _site(miniature_backbone, n=10)
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    ledger = SiteLedger.plan(
+        target_epsilon=1e4,
+        num_records=10,
+        batch_size=1,
+        rounds=1,
+        local_epochs=1,
+        accountant="rdp",
+        noise_multiplier=1.0,
+    )
+    stats = dp_train_local(learner, features, labels, TRAIN, PRIVACY, ledger, seed=0)
+    assert stats.steps == 10 == len(sizes) and ledger.steps == 10
+    assert 0 in sizes  # this seed draws an empty batch
+
+
+def test_patch_tokens_go_only_to_a_learner_that_reads_them(miniature_backbone):
+    features, labels = _site(miniature_backbone, n=12)
+    tokens = [torch.randn(12, 5, 8, generator=torch.Generator().manual_seed(3))]
+
+    privacy = {**PRIVACY, "clipping": "exact"}  # the exact loss takes every extra it is given
+
+    def trained(**extra):
+        learner = create_learner("coop", miniature_backbone, CLASSES)
+        dp_train_local(learner, features, labels, TRAIN, privacy, _ledger(n=12), 0, **extra)
+        return learner.ctx.detach().clone()
+
+    assert torch.equal(trained(patch_tokens=tokens), trained())
