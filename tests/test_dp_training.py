@@ -310,8 +310,10 @@ def test_a_non_finite_private_loss_stops_training_in_one_sentence(miniature_back
     features, labels = _site(miniature_backbone, n=12)
     features[:] = float("nan")
     learner = create_learner("coop", miniature_backbone, CLASSES)
+    ledger = _ledger(n=12)
+    ledger.spend(4)  # an earlier round's steps: the sentence counts this round's
     with pytest.raises(FloatingPointError) as error:
-        dp_train_local(learner, features, labels, TRAIN, PRIVACY, _ledger(n=12), seed=0)
+        dp_train_local(learner, features, labels, TRAIN, PRIVACY, ledger, seed=0)
     assert str(error.value) == "The private training loss became nan at step 1; lower train.lr."
 
 
@@ -455,3 +457,40 @@ def test_patch_tokens_go_only_to_a_learner_that_reads_them(miniature_backbone):
         return learner.ctx.detach().clone()
 
     assert torch.equal(trained(patch_tokens=tokens), trained())
+
+
+@pytest.mark.parametrize(("n", "batch_size", "epochs"), [(8, 4, 2), (1, 1, 1)])
+def test_the_reported_loss_is_the_mean_over_every_sampled_record(
+    miniature_backbone, n, batch_size, epochs
+):
+    """Every record the same: whatever the Poisson batches hold, the mean is one record's loss."""
+    features, labels = _site(miniature_backbone, n=1)
+    features, labels = features.expand(n, -1).clone(), labels.expand(n).clone()
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    want = learner.loss(features[:1], labels[:1]).item()
+    ledger = SiteLedger.plan(
+        target_epsilon=1e6,
+        num_records=n,
+        batch_size=batch_size,
+        rounds=1,
+        local_epochs=epochs,
+        accountant="rdp",
+        noise_multiplier=1.0,
+    )
+    train = {**TRAIN, "lr": 0.0, "local_epochs": epochs}
+    stats = dp_train_local(learner, features, labels, train, PRIVACY, ledger, seed=1)
+    assert stats.loss == pytest.approx(want, rel=1e-5)
+    assert stats.num_examples > batch_size or n == 1  # several batches held records
+
+
+def test_steps_the_ledger_did_not_record_stop_the_round_in_one_sentence(miniature_backbone):
+    features, labels = _site(miniature_backbone, n=12)
+    learner = create_learner("coop", miniature_backbone, CLASSES)
+    ledger = _ledger(n=12)
+    ledger.optimizer_hook = lambda: (lambda optimizer: None)  # an accountant that lost count
+    with pytest.raises(RuntimeError) as error:
+        dp_train_local(learner, features, labels, TRAIN, PRIVACY, ledger, seed=0)
+    assert str(error.value) == (
+        "The privacy ledger recorded 0 noisy steps this round but 2 were taken; the reported "
+        "epsilon would be wrong."
+    )

@@ -224,7 +224,7 @@ def dp_train_local(
                     extras["views"] = cached[rows_on_device]
                 if "patch_tokens" in needs and patch_tokens is not None:
                     extras["patch_tokens"] = gather_patch_tokens(patch_tokens, rows, views, device)
-                optimizer.zero_grad(set_to_none=True)
+                # The clipper sets every trainable tensor's .grad afresh; no zero_grad needed.
                 batch_loss = clipper.private_gradient(
                     cached[rows_on_device, views_on_device], labels[rows_on_device], extras
                 )
