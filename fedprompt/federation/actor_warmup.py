@@ -2,12 +2,14 @@
 
 In a simulation each Ray actor imports the ClientApp and loads the backbone on the first message
 it handles. Without a warm-up that first message is round 1's training, so round 1 took the
-actors' cold start on top of its own work (about 9 s of 11 on the miniature), after the server
-had already spent seconds loading its own backbone and encoding the central test split.
+actors' cold start on top of its own work (12.5-15.3 s against 0.3-0.6 s for the later rounds of
+the quickstart on two cores), after the server had loaded its own backbone and encoded the
+central test split.
 
 ``ActorWarmUp`` pushes one query message to every node before the server prepares (the same
 query a grid session opens with: the node loads the run's backbone and says which partition it
-serves) and collects the answers just before round 1. The actors load while the server works.
+serves) and collects the answers just before round 1, so round 1 costs what the later rounds
+cost. The actors load while the server works, which shortens the run where cores are free.
 A node whose warm-up fails is not dropped here: round 1 asks it again and records its refusal
 as for any round.
 """
