@@ -2,6 +2,7 @@
 allowed range, before anything starts; keys that must agree are checked together."""
 
 import copy
+import importlib
 import math
 import re
 
@@ -736,3 +737,19 @@ def test_a_given_noise_multiplier_skips_the_budget_calibration():
         "quickstart", ["privacy=dpsgd", "privacy.epsilon=1e9", "privacy.noise_multiplier=1.0"]
     )
     check_site_sizes(cfg, {"site-0": 40})
+
+
+def test_sites_of_one_size_have_their_budget_calibrated_once(monkeypatch):
+    """The calibration searches noise multipliers; fifty equal sites must not pay it fifty times."""
+    schema = importlib.import_module("fedprompt.config_schema")
+    calls = []
+    real = schema.check_budget_reachable
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(schema, "check_budget_reachable", counted)
+    dp = compose_config("quickstart", ["privacy=dpsgd"])
+    check_site_sizes(dp, {f"site-{i}": 40 + 10 * (i % 2) for i in range(6)})
+    assert len(calls) == 2  # sizes 40 and 50
