@@ -31,16 +31,30 @@ def _site(backbone, n=24, views=1, seed=0):
     return (features[:, 0] if views == 1 else features), labels
 
 
-def _ledger(n=24, noise=1.0, epsilon=50.0):
+def _ledger(n=24, noise=1.0, epsilon=50.0, batch_size=TRAIN["batch_size"], rounds=2, epochs=1):
     return SiteLedger.plan(
         target_epsilon=epsilon,
         num_records=n,
-        batch_size=TRAIN["batch_size"],
-        rounds=2,
-        local_epochs=1,
+        batch_size=batch_size,
+        rounds=rounds,
+        local_epochs=epochs,
         accountant="rdp",
         noise_multiplier=noise,
     )
+
+
+def _spy_on(monkeypatch, clipper, setting):
+    """The value of ``setting`` each ``clipper`` that ``dp_train_local`` builds is given."""
+    module = importlib.import_module("fedprompt.privacy.dp_training")
+    seen = []
+    real = getattr(module, clipper)
+
+    def spy(learner, **settings):
+        seen.append(settings[setting])
+        return real(learner, **settings)
+
+    monkeypatch.setattr(module, clipper, spy)
+    return seen
 
 
 class AnchoredCoOp(CoOp):
@@ -375,41 +389,17 @@ def test_the_noisy_sum_is_divided_by_the_expected_batch_size(
     miniature_backbone, monkeypatch, n, batch_size
 ):
     """q * n, as Opacus plans it: the batch size the ledger was planned with."""
-    module = importlib.import_module("fedprompt.privacy.dp_training")
-    seen = []
-    real = module.TextFeatureClipping
-
-    def spy(learner, **settings):
-        seen.append(settings["expected_batch_size"])
-        return real(learner, **settings)
-
-    monkeypatch.setattr(module, "TextFeatureClipping", spy)
+    seen = _spy_on(monkeypatch, "TextFeatureClipping", "expected_batch_size")
     features, labels = _site(miniature_backbone, n=n)
     learner = create_learner("coop", miniature_backbone, CLASSES)
-    ledger = SiteLedger.plan(
-        target_epsilon=1e4,
-        num_records=n,
-        batch_size=batch_size,
-        rounds=1,
-        local_epochs=1,
-        accountant="rdp",
-        noise_multiplier=1.0,
-    )
+    ledger = _ledger(n, epsilon=1e4, batch_size=batch_size, rounds=1)
     dp_train_local(learner, features, labels, TRAIN, PRIVACY, ledger, seed=0)
     assert seen == [batch_size]
 
 
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_the_exact_chunk_size_reaches_the_exact_clipper(miniature_backbone, monkeypatch, chunk):
-    module = importlib.import_module("fedprompt.privacy.dp_training")
-    seen = []
-    real = module.ExactClipping
-
-    def spy(learner, **settings):
-        seen.append(settings["chunk_size"])
-        return real(learner, **settings)
-
-    monkeypatch.setattr(module, "ExactClipping", spy)
+    seen = _spy_on(monkeypatch, "ExactClipping", "chunk_size")
     features, labels = _site(miniature_backbone, n=12)
     learner = create_learner("coop", miniature_backbone, CLASSES)
     privacy = {**PRIVACY, "clipping": "exact", "exact_chunk_size": chunk}
@@ -431,15 +421,7 @@ def test_an_empty_poisson_batch_is_a_step_like_any_other(miniature_backbone, mon
     monkeypatch.setattr(module, "TextFeatureClipping", Counting)
     features, labels = _site(miniature_backbone, n=10)
     learner = create_learner("coop", miniature_backbone, CLASSES)
-    ledger = SiteLedger.plan(
-        target_epsilon=1e4,
-        num_records=10,
-        batch_size=1,
-        rounds=1,
-        local_epochs=1,
-        accountant="rdp",
-        noise_multiplier=1.0,
-    )
+    ledger = _ledger(10, epsilon=1e4, batch_size=1, rounds=1)
     stats = dp_train_local(learner, features, labels, TRAIN, PRIVACY, ledger, seed=0)
     assert stats.steps == 10 == len(sizes) and ledger.steps == 10
     assert 0 in sizes  # this seed draws an empty batch
@@ -468,15 +450,7 @@ def test_the_reported_loss_is_the_mean_over_every_sampled_record(
     features, labels = features.expand(n, -1).clone(), labels.expand(n).clone()
     learner = create_learner("coop", miniature_backbone, CLASSES)
     want = learner.loss(features[:1], labels[:1]).item()
-    ledger = SiteLedger.plan(
-        target_epsilon=1e6,
-        num_records=n,
-        batch_size=batch_size,
-        rounds=1,
-        local_epochs=epochs,
-        accountant="rdp",
-        noise_multiplier=1.0,
-    )
+    ledger = _ledger(n, epsilon=1e6, batch_size=batch_size, rounds=1, epochs=epochs)
     train = {**TRAIN, "lr": 0.0, "local_epochs": epochs}
     stats = dp_train_local(learner, features, labels, train, PRIVACY, ledger, seed=1)
     assert stats.loss == pytest.approx(want, rel=1e-5)
