@@ -56,6 +56,19 @@ def _assert_close_to_scale(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 
 
+def _exact(learner, expected_batch_size, max_grad_norm=1.0, noise=0.0, steps=None, **options):
+    """An ``ExactClipping`` for ``learner``; ``steps`` (a list) gets one entry per noisy step."""
+    return ExactClipping(
+        learner,
+        noise_multiplier=noise,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        noise_generator=options.pop("noise_generator", None),
+        step_hook=lambda optimizer: None if steps is None else steps.append(1),
+        **options,
+    )
+
+
 def _learner(kind, backbone):
     if kind == "image_conditioned":
         return ImageConditionedCoOp(backbone, CLASSES)
@@ -95,14 +108,7 @@ def test_noiseless_exact_step_equals_hand_written_clip_and_sum(miniature_backbon
     want = {name: torch.einsum("b,b...->...", factors, expected[name]) / 8 for name in names}
 
     steps = []
-    clipper = ExactClipping(
-        learner,
-        noise_multiplier=0.0,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=8,
-        noise_generator=None,
-        step_hook=lambda optimizer: steps.append(1),
-    )
+    clipper = _exact(learner, 8, max_grad_norm, steps=steps)
     clipper.private_gradient(features, labels, {})
     assert clipper.method == "vmap"
     for name, param in learner.named_parameters():
@@ -117,14 +123,7 @@ def test_empty_batch_gives_zero_gradient_and_one_step(miniature_backbone):
     learner = create_learner("coop", miniature_backbone, CLASSES)
     features, labels = _batch(miniature_backbone)
     steps = []
-    clipper = ExactClipping(
-        learner,
-        noise_multiplier=0.0,
-        max_grad_norm=1.0,
-        expected_batch_size=4,
-        noise_generator=None,
-        step_hook=lambda optimizer: steps.append(1),
-    )
+    clipper = _exact(learner, 4, steps=steps)
     clipper.private_gradient(features[:0], labels[:0], {})
     assert torch.count_nonzero(learner.ctx.grad) == 0
     assert steps == [1]
@@ -198,14 +197,7 @@ def test_auto_falls_back_to_one_backward_per_record_and_says_so(miniature_backbo
     learner = DataDependent(miniature_backbone, CLASSES)
     features, labels = _batch(miniature_backbone, n=3, seed=5)
     expected = _loop_over_samples(learner, features, labels)["ctx"]
-    clipper = ExactClipping(
-        learner,
-        noise_multiplier=0.0,
-        max_grad_norm=1e9,
-        expected_batch_size=3,
-        noise_generator=None,
-        step_hook=lambda optimizer: None,
-    )
+    clipper = _exact(learner, 3, max_grad_norm=1e9)
     with caplog.at_level("WARNING", logger="fedprompt.privacy.per_sample_gradients"):
         loss = clipper.private_gradient(features, labels, {})
     assert clipper.method == "loop"
@@ -282,15 +274,7 @@ def test_chunk_size_bounds_the_records_per_vmap_call(miniature_backbone, monkeyp
     chunked, _ = per_sample_gradients(learner, features, labels, chunk_size=3)
     assert len(calls) == 1 + 3  # 3 + 3 + 1 records
     _assert_close_to_scale(chunked["ctx"], whole["ctx"])
-    clipper = ExactClipping(
-        learner,
-        noise_multiplier=0.0,
-        max_grad_norm=1.0,
-        expected_batch_size=7,
-        noise_generator=None,
-        step_hook=lambda optimizer: None,
-        chunk_size=2,
-    )
+    clipper = _exact(learner, 7, chunk_size=2)
     for expected in (4 + 4, 4 + 4 + 4):  # the first step decides vmap; the next keeps chunking
         clipper.private_gradient(features, labels, {})
         assert len(calls) == expected
@@ -318,13 +302,8 @@ def test_the_noise_comes_from_the_generator_given(miniature_backbone):
 
     def noisy_gradient(seed):
         learner = create_learner("coop", miniature_backbone, CLASSES)
-        clipper = ExactClipping(
-            learner,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            expected_batch_size=4,
-            noise_generator=torch.Generator().manual_seed(seed),
-            step_hook=lambda optimizer: None,
+        clipper = _exact(
+            learner, 4, noise=1.0, noise_generator=torch.Generator().manual_seed(seed)
         )
         clipper.private_gradient(features, labels, {})
         clipper.close()
