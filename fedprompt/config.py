@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -43,6 +43,34 @@ def check_group_choices(overrides: Sequence[str]) -> None:
             )
 
 
+def check_group_sections(cfg: DictConfig, choices: dict[str, str | None]) -> None:
+    """Each group's section is the file chosen for it, whole.
+
+    Code reads a group's ``name`` to decide what runs (``privacy.name`` turns DP-SGD on), so a
+    section removed (``~privacy``) or renamed (``privacy=dpsgd privacy.name=none``) would run
+    something other than the config shows; both are refused.
+
+    Raises:
+        ConfigError: The group and how to choose it.
+    """
+    for group in sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir()):
+        if group == "experiment":
+            continue
+        chosen = choices.get(group)
+        if chosen is None or group not in cfg:
+            raise ConfigError(
+                f"The config has no {group} section; every run needs one, so choose it with "
+                f"{group}=NAME (one of {', '.join(list_choices(group))})."
+            )
+        name = OmegaConf.select(cfg, f"{group}.name")
+        if name != chosen:
+            shown = "null" if name is None else name
+            raise ConfigError(
+                f"{group}.name={shown} disagrees with the {group} config loaded ({chosen}); "
+                f"choose a {group} with {group}=NAME, not by setting {group}.name."
+            )
+
+
 def compose_config(experiment: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose the root config, an optional experiment and Hydra overrides into one resolved config.
 
@@ -71,7 +99,11 @@ def _compose_cached(experiment: str | None, overrides: tuple[str, ...]) -> DictC
     all_overrides = ([f"experiment={experiment}"] if experiment else []) + list(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=all_overrides)
+            cfg = compose(config_name="config", overrides=all_overrides, return_hydra_config=True)
+        choices = dict(cfg.hydra.runtime.choices)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        check_group_sections(cfg, choices)
         apply_recipe(cfg, all_overrides)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:

@@ -422,17 +422,16 @@ def _tasks_problem(cfg: DictConfig) -> str | None:
             "federation.site_datasets gives each site its own task, so there is no one central "
             "test split; set evaluation.central=false (each site scores its own)."
         )
-    others = [
-        f"{group}={_group(cfg, group)}"
-        for group, neutral in (("partition", "iid"), ("protocol", "few_shot"))
-        if _group(cfg, group) not in (neutral, "")
-    ]
-    if _value(cfg, "partition.acquisition") not in (None, "none"):
-        others.append(f"partition.acquisition={_value(cfg, 'partition.acquisition')}")
-    if others:
+    # protocol=base_to_novel never gets here: it needs evaluation.central, refused above.
+    split = None
+    if _group(cfg, "partition") != "iid":
+        split = f"partition={_group(cfg, 'partition')}"
+    elif _value(cfg, "partition.acquisition") not in (None, "none"):
+        split = f"partition.acquisition={_value(cfg, 'partition.acquisition')}"
+    if split is not None:
         return (
-            f"federation.site_datasets gives each site a whole dataset, which {others[0]} "
-            "would not change; use it with partition=iid, protocol=few_shot and no acquisition."
+            f"federation.site_datasets gives each site a whole dataset, which {split} would "
+            "not change; use it with partition=iid and no acquisition."
         )
     method = _group(cfg, "method")
     if method in ("linear_probe", "zeroshot") or _value(cfg, "method.class_specific"):

@@ -489,7 +489,7 @@ CROSS_CHECK_REFUSALS = [
         ],
         (
             "federation.site_datasets gives each site a whole dataset, which partition=dirichlet "
-            "would not change; use it with partition=iid, protocol=few_shot and no acquisition."
+            "would not change; use it with partition=iid and no acquisition."
         ),
     ),
     (
@@ -500,8 +500,8 @@ CROSS_CHECK_REFUSALS = [
         ],
         (
             "federation.site_datasets gives each site a whole dataset, which "
-            "partition.acquisition=scanner would not change; use it with partition=iid, "
-            "protocol=few_shot and no acquisition."
+            "partition.acquisition=scanner would not change; use it with partition=iid and no "
+            "acquisition."
         ),
     ),
     (
@@ -526,6 +526,18 @@ CROSS_CHECK_REFUSALS = [
             "federation.site_datasets shares one prompt between sites with different class lists,"
             " and method=coop with method.class_specific=true learns nothing shared across class "
             "lists; use a shared-context method such as coop."
+        ),
+    ),
+    (
+        [
+            "federation.site_datasets=[btmri_mini,synthetic,busi]",
+            "evaluation.central=false",
+            "method=zeroshot",
+        ],
+        (
+            "federation.site_datasets shares one prompt between sites with different class lists,"
+            " and method=zeroshot learns nothing shared across class lists; use a "
+            "shared-context method such as coop."
         ),
     ),
     (
