@@ -98,6 +98,25 @@ def test_a_port_taken_before_the_superlink_binds_it_is_replaced(monkeypatch, tmp
         assert done.returncode == 0, done.stdout + done.stderr  # the SuperLink answers there
 
 
+def test_a_superlink_that_stops_at_start_for_another_reason_is_reported_not_retried(
+    monkeypatch, tmp_path
+):
+    # `flwr` rejects flower-superlink's options: a real process that exits at once, port unused.
+    monkeypatch.setattr(
+        local_simulation, "_tool", lambda name: str(Path(sys.executable).parent / "flwr")
+    )
+    picked = []
+    free = local_simulation._free_port
+    monkeypatch.setattr(local_simulation, "_free_port", lambda: picked.append(free()) or picked[-1])
+    with pytest.raises(RuntimeError) as caught, local_simulation.private_superlink(tmp_path):
+        pass
+    assert len(picked) == 1
+    message = str(caught.value)
+    # click words the option's refusal as its version likes; the sentence around it is ours.
+    assert message.startswith("flower-superlink exited with code 2 at start, saying: No such ")
+    assert "--insecure" in message and message.endswith(f"; see {tmp_path / 'superlink.log'}.")
+
+
 def test_a_ray_address_where_no_cluster_answers_stops_before_flower():
     with socket.socket() as held:  # bound, never listening: nothing can answer there meanwhile
         held.bind(("127.0.0.1", 0))

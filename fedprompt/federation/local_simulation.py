@@ -261,13 +261,18 @@ def _start_superlink(env: dict[str, str], log_file: IO[str]) -> tuple[subprocess
     """A SuperLink on a free loopback port, and that port.
 
     A port found free can be taken by another process before the SuperLink binds it; the
-    SuperLink then exits at start, and it is started again on another port.
+    SuperLink then exits at start saying so, and it is started again on another port. Any other
+    exit at start is a fault a new port would not mend.
 
     Raises:
-        RuntimeError: It did not start within ``SUPERLINK_START_TRIES`` ports.
+        RuntimeError: It stopped at start for another reason than a taken port, or it did not
+            start within ``SUPERLINK_START_TRIES`` ports.
     """
+    log_path = Path(log_file.name)
     for _ in range(SUPERLINK_START_TRIES):
         port = _free_port()
+        log_file.flush()
+        start = log_path.stat().st_size
         # The guard's stdin is the lifeline: only this process holds the pipe's write end.
         superlink = subprocess.Popen(
             [
@@ -294,10 +299,19 @@ def _start_superlink(env: dict[str, str], log_file: IO[str]) -> tuple[subprocess
         try:
             _wait_for_port(port, superlink)
             return superlink, port
-        except PortTaken:
+        except PortTaken as stopped:
             _stop(superlink)
             if superlink.stdin:
                 superlink.stdin.close()
+            with log_path.open(encoding="utf-8", errors="replace") as log:
+                log.seek(start)
+                said = log.read()
+            if "already in use" not in said.lower():
+                worded = [line for line in said.splitlines() if any(c.isalnum() for c in line)]
+                last = worded[-1].strip(" │") if worded else "nothing"  # │: a rich panel's edge
+                raise RuntimeError(
+                    f"{str(stopped).rstrip('.')}, saying: {last.rstrip('.')}; see {log_file.name}."
+                ) from None
     raise RuntimeError(
         f"flower-superlink did not start on any of {SUPERLINK_START_TRIES} free ports; see "
         f"{log_file.name}."
