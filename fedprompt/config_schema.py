@@ -269,12 +269,12 @@ RAY_ADDRESS = re.compile(r"[A-Za-z0-9.\-]+:\d{1,5}")
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
-    value = OmegaConf.select(cfg, key, default=None)
+    value = OmegaConf.select(cfg, key)  # None where the key is absent
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _group(cfg: DictConfig, group: str) -> str:
-    return str(OmegaConf.select(cfg, f"{group}.name", default=""))
+    return str(cfg[group].name)  # compose_config refuses a config without the group
 
 
 def _cross_checks(cfg: DictConfig) -> str | None:
@@ -449,7 +449,7 @@ def _tasks_problem(cfg: DictConfig) -> str | None:
 def _personalization_problem(cfg: DictConfig) -> str | None:
     """Why the chosen personalization cannot run with the method or privacy, or None."""
     scheme, method = _group(cfg, "personalization"), _group(cfg, "method")
-    if scheme == "none":  # personalization.name is never absent: its rule refuses null first
+    if scheme == "none":
         return None
     if method == "zeroshot" or _value(cfg, "method.solver") == "lbfgs":
         what = "method=zeroshot" if method == "zeroshot" else "method.solver=lbfgs"
