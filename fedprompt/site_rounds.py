@@ -204,9 +204,8 @@ def round_seed(cfg: DictConfig, server_round: int, site_index: int) -> int:
 
 
 def privacy_mode(cfg: DictConfig) -> str:
-    """The run's ``privacy.name`` (``none`` where a config has no privacy section)."""
-    section = cfg.get("privacy")
-    return "none" if section is None else str(section.name)
+    """The run's ``privacy.name``; a config without a privacy section fails, never runs as none."""
+    return str(cfg.privacy.name)
 
 
 def personalization_for(cfg: DictConfig) -> Personalization:

@@ -2,6 +2,8 @@ from typing import ClassVar
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
 from fedprompt import site_rounds
 from fedprompt.config import compose_config
@@ -142,3 +144,11 @@ def test_the_disk_cache_can_be_turned_off(data_root, tmp_path):
     cfg = _cfg(data_root, "false")
     train_round(cfg, 0, _global_state(cfg), server_round=1)
     assert PROCESS_FEATURE_CACHE.settings.cache_dir is None
+
+
+def test_a_config_without_a_privacy_section_fails_rather_than_training_without_dp():
+    dp = compose_config("quickstart", ["privacy=dpsgd", "privacy.epsilon=8"])
+    assert site_rounds.privacy_mode(dp) == "dpsgd"
+    without = OmegaConf.masked_copy(dp, [key for key in dp if key != "privacy"])
+    with pytest.raises(ConfigAttributeError):
+        site_rounds.privacy_mode(without)
