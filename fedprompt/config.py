@@ -57,7 +57,7 @@ def check_group_sections(cfg: DictConfig, choices: dict[str, str | None]) -> Non
         if group == "experiment":
             continue
         chosen = choices.get(group)
-        if chosen is None or group not in cfg:
+        if chosen is None:
             raise ConfigError(
                 f"The config has no {group} section; every run needs one, so choose it with "
                 f"{group}=NAME (one of {', '.join(list_choices(group))})."
