@@ -64,7 +64,7 @@ def test_the_private_superlink_gets_rays_loopback_setting(monkeypatch, tmp_path)
 
     with monkeypatch.context() as patch:
         patch.setattr(local_simulation.subprocess, "Popen", fake_popen)
-        patch.setattr(local_simulation, "_wait_for_port", lambda port, process: None)
+        patch.setattr(local_simulation, "_wait_for_port", lambda port, process, *log: None)
         with local_simulation.private_superlink(tmp_path) as env:
             pass
     assert started == [env]

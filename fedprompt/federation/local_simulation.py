@@ -108,18 +108,30 @@ def write_app(directory: Path, experiment: str) -> Path:
     return directory
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Until ``process`` listens on ``port``.
+def _wait_for_port(
+    port: int, process: subprocess.Popen, log_path: Path, since: int, timeout: float = 60.0
+) -> None:
+    """Until ``process`` listens on ``port``; ``log_path`` from byte ``since`` is what it printed.
 
     Raises:
-        PortTaken: The process ended at start (it could not bind the port), or the port answers
-            but the process is gone a moment later (another process held it).
+        PortTaken: The process ended at start saying its port was in use (another process took
+            it after it was found free).
+        RuntimeError: The process ended at start for another reason, which a new port would not
+            mend; the message quotes its last words.
         TimeoutError: Nothing listened within ``timeout``.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise PortTaken(f"flower-superlink exited with code {process.returncode} at start.")
+            with log_path.open(encoding="utf-8", errors="replace") as log:
+                log.seek(since)
+                said = log.read()
+            stopped = f"flower-superlink exited with code {process.returncode} at start"
+            if "already in use" in said.lower():
+                raise PortTaken(f"{stopped}: its port was in use.")
+            worded = [line for line in said.splitlines() if any(c.isalnum() for c in line)]
+            last = worded[-1].strip(" │") if worded else "nothing"  # │: a rich panel's edge
+            raise RuntimeError(f"{stopped}, saying: {last.rstrip('.')}; see {log_path}.")
         if _listens(process.pid, port):
             return
         time.sleep(0.2)
@@ -272,7 +284,7 @@ def _start_superlink(env: dict[str, str], log_file: IO[str]) -> tuple[subprocess
     for _ in range(SUPERLINK_START_TRIES):
         port = _free_port()
         log_file.flush()
-        start = log_path.stat().st_size
+        since = log_path.stat().st_size
         # The guard's stdin is the lifeline: only this process holds the pipe's write end.
         superlink = subprocess.Popen(
             [
@@ -297,21 +309,14 @@ def _start_superlink(env: dict[str, str], log_file: IO[str]) -> tuple[subprocess
             start_new_session=True,
         )
         try:
-            _wait_for_port(port, superlink)
+            _wait_for_port(port, superlink, log_path, since)
             return superlink, port
-        except PortTaken as stopped:
+        except RuntimeError as stopped:  # PortTaken is one: only that one is tried again
             _stop(superlink)
             if superlink.stdin:
                 superlink.stdin.close()
-            with log_path.open(encoding="utf-8", errors="replace") as log:
-                log.seek(start)
-                said = log.read()
-            if "already in use" not in said.lower():
-                worded = [line for line in said.splitlines() if any(c.isalnum() for c in line)]
-                last = worded[-1].strip(" │") if worded else "nothing"  # │: a rich panel's edge
-                raise RuntimeError(
-                    f"{str(stopped).rstrip('.')}, saying: {last.rstrip('.')}; see {log_file.name}."
-                ) from None
+            if not isinstance(stopped, PortTaken):
+                raise
     raise RuntimeError(
         f"flower-superlink did not start on any of {SUPERLINK_START_TRIES} free ports; see "
         f"{log_file.name}."
